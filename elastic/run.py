@@ -1,0 +1,282 @@
+"""`python -m elastic.run`: the torchrun-compatible command line of the elastic launcher.
+
+Parses and checks the flags once (every error is one line and exit code 2), starts the embedded
+etcd when no --rdzv-endpoint is given, and runs this node's agent until the job ends.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+USAGE_ERROR = 2
+
+RDZV_CONF_KEYS = {
+    "join_timeout": float,
+    "last_call_timeout": float,
+    "join_settle": float,
+    "lease_ttl": float,
+    "connect_timeout": float,
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    min_nodes: int
+    max_nodes: int
+    nproc: int
+    endpoint: Optional[str]
+    run_id: str
+    rdzv_conf: dict
+    max_restarts: int
+    monitor_interval: float
+    log_dir: Optional[str]
+    local_addr: Optional[str]
+    master_port: Optional[int]
+    grace_period: float
+    argv: Tuple[str, ...]
+
+
+def parse_nnodes(text: str) -> Tuple[int, int]:
+    parts = text.split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--nnodes {text!r} is not N or MIN:MAX (for example 2 or 1:4)") from None
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2:
+        raise UsageError(f"--nnodes {text!r} is not N or MIN:MAX (for example 2 or 1:4)")
+    low, high = numbers
+    if low < 1:
+        raise UsageError(f"--nnodes {text}: the minimum must be at least 1")
+    if low > high:
+        raise UsageError(f"--nnodes {text}: MIN is larger than MAX; write it as {high}:{low}")
+    return low, high
+
+
+def parse_rdzv_conf(text: str) -> dict:
+    conf = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in RDZV_CONF_KEYS:
+            known = ", ".join(sorted(RDZV_CONF_KEYS))
+            raise UsageError(f"--rdzv-conf {item!r}: expected KEY=VALUE with KEY one of {known}")
+        try:
+            conf[key] = RDZV_CONF_KEYS[key](value)
+        except ValueError:
+            raise UsageError(f"--rdzv-conf {key}={value!r} is not a number") from None
+        if conf[key] < 0:
+            raise UsageError(f"--rdzv-conf {key} must not be negative")
+    return conf
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m elastic.run",
+        description="Start this node's elastic agent: it joins the job's etcd rendezvous and runs "
+                    "--nproc-per-node workers of the training script in the current world, growing "
+                    "and shrinking it as nodes join, leave or fail.",
+    )
+    p.add_argument("--nnodes", default="1:1", help="nodes in the job: N, or MIN:MAX for an elastic "
+                   "job (default 1:1)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
+                   help="worker processes on this node (default 1)")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None,
+                   help="etcd v3 endpoint shared by all nodes, host:port or etcd://host:port; "
+                        "omit it to start an embedded etcd on 127.0.0.1 for a one-machine job")
+    p.add_argument("--rdzv-backend", "--rdzv_backend", default="etcd", choices=["etcd", "etcd-v3"],
+                   help="rendezvous backend (etcd v3; the only one)")
+    p.add_argument("--rdzv-id", "--rdzv_id", default="default",
+                   help="job id: all nodes of a job use the same one; jobs sharing an etcd use "
+                        "different ones (default: default)")
+    p.add_argument("--rdzv-conf", "--rdzv_conf", default="",
+                   help="KEY=VALUE,... with join_timeout (s a job may stay below min nodes, "
+                        "default 600), last_call_timeout (s to wait for more nodes once min are "
+                        "present, default 3), join_settle (s over which joins are coalesced, "
+                        "default 0.5), lease_ttl (s after which a silent node is removed, default "
+                        "10), connect_timeout (s to reach etcd, default 5)")
+    p.add_argument("--standalone", action="store_true",
+                   help="one-machine job on an embedded etcd (the default without --rdzv-endpoint)")
+    p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+                   help="worker failures the job survives before it fails; nodes joining or "
+                        "leaving do not count (default 0)")
+    p.add_argument("--monitor-interval", "--monitor_interval", type=float, default=0.1,
+                   help="seconds between checks of the workers and the rendezvous (default 0.1)")
+    p.add_argument("--log-dir", "--log_dir", default=None,
+                   help="write each rank's output to LOG_DIR/round<N>/rank<R>.log and the event "
+                        "log to LOG_DIR/events.jsonl")
+    p.add_argument("--local-addr", "--local_addr", default=None,
+                   help="address other nodes use to reach this one (default: the address that "
+                        "routes to the rendezvous endpoint)")
+    p.add_argument("--master-port", "--master_port", type=int, default=None,
+                   help="port of the rank-0 store when this node holds rank 0 (default: a free one)")
+    p.add_argument("--grace-period", type=float, default=5.0,
+                   help="seconds workers get after SIGTERM before they are killed (default 5)")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="run the script as a Python module, as python -m does")
+    p.add_argument("--no-python", "--no_python", action="store_true",
+                   help="run the script as an executable, without python in front")
+    p.add_argument("script", help="training script (or module with -m, or executable)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def _worker_argv(args) -> Tuple[str, ...]:
+    if args.module and args.no_python:
+        raise UsageError("--module and --no-python cannot be used together")
+    if args.no_python:
+        if shutil.which(args.script) is None:
+            raise UsageError(f"executable {args.script!r} not found on PATH or not executable")
+        return (args.script, *args.script_args)
+    if args.module:
+        return (sys.executable, "-u", "-m", args.script, *args.script_args)
+    if not os.path.isfile(args.script):
+        raise UsageError(f"training script {args.script!r} not found (working directory "
+                         f"{os.getcwd()}); check the path")
+    return (sys.executable, "-u", args.script, *args.script_args)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    low, high = parse_nnodes(args.nnodes)
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.max_restarts < 0:
+        raise UsageError(f"--max-restarts must not be negative, got {args.max_restarts}")
+    if args.monitor_interval <= 0:
+        raise UsageError("--monitor-interval must be positive")
+    if args.standalone and args.rdzv_endpoint:
+        raise UsageError("--standalone starts its own etcd; leave out --rdzv-endpoint or --standalone")
+    if args.rdzv_id in ("", ".") or "/" in args.rdzv_id:
+        raise UsageError(f"--rdzv-id {args.rdzv_id!r} must be non-empty and contain no '/'")
+    endpoint = None
+    if args.rdzv_endpoint:
+        from rendezvous.connect import parse_endpoint
+        try:
+            host, port = parse_endpoint(args.rdzv_endpoint)
+        except ValueError as exc:
+            raise UsageError(f"--rdzv-endpoint: {exc}") from None
+        endpoint = f"{host}:{port}"
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise UsageError(f"--master-port {args.master_port} is not a port number")
+    return RunConfig(
+        min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
+        run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
+        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+        log_dir=args.log_dir, local_addr=args.local_addr, master_port=args.master_port,
+        grace_period=args.grace_period, argv=_worker_argv(args),
+    )
+
+
+def local_address(endpoint_host: str) -> str:
+    """The address of this machine that routes to the rendezvous (loopback stays loopback)."""
+    if endpoint_host in ("localhost", "::1") or endpoint_host.startswith("127."):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((endpoint_host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise UsageError(f"--master-port {port} is already in use on {host}; pick another "
+                             "or leave it out to use a free one") from None
+
+
+def run(config: RunConfig) -> int:
+    from launcher.agent import AgentConfig, ElasticAgent
+    from launcher.workers import WorkerSpec
+    from rendezvous.api import RendezvousSettings
+    from rendezvous.embedded import EmbeddedEtcd
+    from rendezvous.store import EtcdStore
+
+    conf = dict(config.rdzv_conf)
+    connect_timeout = conf.pop("connect_timeout", 5.0)
+    settings = RendezvousSettings(run_id=config.run_id, min_nodes=config.min_nodes,
+                                  max_nodes=config.max_nodes, max_restarts=config.max_restarts,
+                                  **conf)
+    embedded = store = None
+    try:
+        endpoint = config.endpoint
+        if endpoint is None:
+            embedded = EmbeddedEtcd()
+            endpoint = embedded.start()
+            if config.max_nodes > 1:
+                logging.getLogger("elastic").info(
+                    "embedded etcd at %s; other nodes join with --rdzv-endpoint %s (the job "
+                    "ends if this agent stops)", endpoint, endpoint)
+        host = config.local_addr or local_address(endpoint.rpartition(":")[0])
+        if config.master_port is not None:
+            _check_port_free(host, config.master_port)
+        store = EtcdStore(endpoint, config.run_id, timeout=connect_timeout)
+        events = os.path.join(config.log_dir, "events.jsonl") if config.log_dir else None
+        if config.log_dir:
+            os.makedirs(config.log_dir, exist_ok=True)
+        spec = WorkerSpec(argv=config.argv, nproc=config.nproc, log_dir=config.log_dir,
+                          grace_period_s=config.grace_period)
+        agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
+                                         monitor_interval=config.monitor_interval,
+                                         master_port=config.master_port),
+                             store, events_path=events)
+        return agent.run()
+    finally:
+        if store is not None:
+            store.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from launcher.workers import WorkerStartError
+    from rendezvous.api import RendezvousError
+
+    logging.basicConfig(level=os.environ.get("ELASTIC_LOG_LEVEL", "INFO").upper(),
+                        format="[elastic] %(message)s", stream=sys.stderr)
+    try:
+        config = parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    # Until the agent installs its own handlers, SIGTERM unwinds like Ctrl-C so that an
+    # embedded etcd and its data dir are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(config)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except RendezvousError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted before the job started", file=sys.stderr)
+        return 130
+    except WorkerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The per-node agent: supervises one node's workers and records what the job does."""

@@ -1,0 +1,95 @@
+"""Each agent's health endpoint, and the probe other agents use to tell a dead node from a slow one.
+
+A node whose agent was killed stops answering at once (connection refused on a live host), long
+before its lease TTL runs out; the probe lets survivors remove it right away. A node that does
+not answer in time is only suspect: it takes several misses in a row to be called dead, because a
+busy or partitioned host looks the same for a moment.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Tuple
+
+PROBE_TIMEOUT_S = 1.0
+MISSES_BEFORE_DEAD = 3
+
+ALIVE, DEAD, SUSPECT = "alive", "dead", "suspect"
+
+
+class HealthServer:
+    """Answers GET /health with this node's id, on host:0 (a free port)."""
+
+    def __init__(self, host: str, node_id: str):
+        identity = json.dumps({"node_id": node_id}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                self.send_response(200 if self.path == "/health" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(identity)))
+                self.end_headers()
+                self.wfile.write(identity)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def addr(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _split(addr: str) -> Tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+def probe(addr: str, node_id: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """ALIVE if the agent of `node_id` answers at addr, DEAD if nothing listens there (or another
+    node does: the port was reused), SUSPECT if it did not answer in time."""
+    host, port = _split(addr)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        body = json.loads(conn.getresponse().read() or b"{}")
+    except (ConnectionRefusedError, ConnectionResetError):
+        return DEAD
+    except (OSError, http.client.HTTPException, ValueError):
+        return SUSPECT
+    finally:
+        conn.close()
+    return ALIVE if body.get("node_id") == node_id else DEAD
+
+
+class PeerWatch:
+    """Counts consecutive probe misses per peer; says which peers to remove."""
+
+    def __init__(self, misses_before_dead: int = MISSES_BEFORE_DEAD):
+        self._misses_before_dead = misses_before_dead
+        self._misses = {}
+
+    def record(self, node_id: str, result: str) -> bool:
+        """Record one probe result; True when the peer should be removed now."""
+        if result == ALIVE:
+            self._misses.pop(node_id, None)
+            return False
+        if result == DEAD:
+            return True
+        self._misses[node_id] = self._misses.get(node_id, 0) + 1
+        return self._misses[node_id] >= self._misses_before_dead
+
+    def forget(self, node_id: str) -> None:
+        self._misses.pop(node_id, None)

@@ -1,0 +1,367 @@
+"""One node's worker processes: start them with the torchrun environment for a round, stream and
+log their output, notice the first failure, and stop them without leaving orphans behind.
+
+The agent owns one WorkerGroup and drives it round by round: start(assignment), poll() from its
+loop, stop() when the round ends or the membership changes. Linux only (prctl PDEATHSIG).
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import psutil
+
+STDERR_TAIL_LINES = 200
+TRACEBACK_MAX_LINES = 50
+TRACEBACK_HEADER = "Traceback (most recent call last):"
+# A grandchild that escaped our kill could hold a worker's pipe open; never wait on it for long.
+READER_JOIN_TIMEOUT_S = 2.0
+STOP_POLL_INTERVAL_S = 0.05
+KILL_WAIT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+# Shared by every group so that console lines of different ranks never interleave mid-line.
+_CONSOLE_LOCK = threading.Lock()
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process could not be started (for example its executable does not exist)."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How this node runs its workers; the same for every round."""
+
+    argv: Tuple[str, ...]
+    nproc: int
+    log_dir: Optional[str] = None
+    grace_period_s: float = 5.0
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    echo: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ValueError("the worker command is empty; pass the training script to run")
+        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        if self.nproc < 1:
+            raise ValueError(f"nproc (workers per node) must be at least 1, got {self.nproc}")
+        if self.grace_period_s < 0:
+            raise ValueError(f"grace period must not be negative, got {self.grace_period_s}")
+
+
+@dataclass(frozen=True)
+class WorldAssignment:
+    """What this node's workers are told for one round."""
+
+    run_id: str
+    round: int
+    group_rank: int
+    group_world_size: int
+    rank_offset: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    restart_count: int
+    max_restarts: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.group_rank < self.group_world_size:
+            raise ValueError(
+                f"group rank {self.group_rank} is outside a round of {self.group_world_size} nodes"
+            )
+        if self.rank_offset < 0 or self.world_size < 1:
+            raise ValueError(f"bad ranks: offset {self.rank_offset}, world size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """The first worker of a round that exited non-zero; exitcode is -signum if it was killed."""
+
+    rank: int
+    local_rank: int
+    pid: int
+    exitcode: int
+    time: float
+    traceback: str
+
+    def describe(self) -> str:
+        who = f"rank {self.rank} (local rank {self.local_rank}, pid {self.pid})"
+        if self.exitcode < 0:
+            try:
+                what = f"was killed by signal {signal.Signals(-self.exitcode).name}"
+            except ValueError:
+                what = f"was killed by signal {-self.exitcode}"
+        else:
+            what = f"exited with code {self.exitcode}"
+        last = [line for line in self.traceback.splitlines() if line.strip()]
+        return f"{who} {what}" + (f": {last[-1].strip()}" if last else "")
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """status: running | succeeded (all exited 0) | failed (any exited non-zero) | stopped."""
+
+    status: str
+    failure: Optional[WorkerFailure] = None
+
+
+def worker_env(
+    base: Mapping[str, str], spec: WorkerSpec, assignment: WorldAssignment, local_rank: int
+) -> Dict[str, str]:
+    """The environment of one worker: base (the agent's), then extra_env, then what torchrun sets."""
+    env = dict(base)
+    env.update(spec.extra_env)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default: N workers x all cores oversubscribes
+    rank = assignment.rank_offset + local_rank
+    a = assignment
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(a.world_size),
+        LOCAL_WORLD_SIZE=str(spec.nproc), GROUP_RANK=str(a.group_rank),
+        GROUP_WORLD_SIZE=str(a.group_world_size), ROLE_RANK=str(rank),
+        ROLE_WORLD_SIZE=str(a.world_size), ROLE_NAME="default", MASTER_ADDR=a.master_addr,
+        MASTER_PORT=str(a.master_port), TORCHELASTIC_RUN_ID=a.run_id,
+        TORCHELASTIC_RESTART_COUNT=str(a.restart_count),
+        TORCHELASTIC_MAX_RESTARTS=str(a.max_restarts), TORCHELASTIC_USE_AGENT_STORE="False",
+        PYTHONUNBUFFERED="1", ELASTIC_ROUND=str(a.round),
+    )
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    # Resolved in the agent: between fork and exec the child should run as little as possible.
+    fn = ctypes.CDLL(None, use_errno=True).prctl
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _die_with_agent(agent_pid: int):
+    """preexec_fn making the kernel SIGKILL the worker when the agent dies, even by SIGKILL."""
+    prctl, sigkill = _prctl(), int(signal.SIGKILL)
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0:
+            os.write(2, b"elastic agent: prctl(PR_SET_PDEATHSIG) failed\n")
+            os._exit(1)
+        if os.getppid() != agent_pid:  # the agent died before the request took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _last_traceback(lines: Iterable[str]) -> str:
+    lines = list(lines)
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith(TRACEBACK_HEADER):
+            tb = lines[start:]
+            if len(tb) > TRACEBACK_MAX_LINES:  # keep the header and the end, where the error is
+                tb = [tb[0], "  ..."] + tb[-(TRACEBACK_MAX_LINES - 2):]
+            return "\n".join(tb)
+    return ""
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:  # a zombie is dead; it only waits for a parent (maybe a non-reaping init) to collect it
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone already
+
+
+class _Worker:
+    """One spawned rank: its process, the threads reading its pipes, its log and recent stderr."""
+
+    def __init__(self, local_rank: int, rank: int, proc: subprocess.Popen, log: Optional[IO[str]]):
+        self.local_rank, self.rank, self.proc, self.log = local_rank, rank, proc, log
+        self.log_lock = threading.Lock()
+        self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.readers: List[threading.Thread] = []
+
+    def pump(self, pipe: IO[bytes], console: str, echo: bool) -> None:
+        prefix = f"[rank{self.rank}]: "
+        with pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n") + "\n"
+                if console == "stderr":
+                    self.stderr_tail.append(line[:-1])
+                with self.log_lock:
+                    if self.log is not None:
+                        self.log.write(line)
+                        self.log.flush()
+                if echo:
+                    with _CONSOLE_LOCK:
+                        stream = getattr(sys, console)  # looked up per line: it may be replaced
+                        stream.write(prefix + line)
+                        stream.flush()
+
+    def close_log(self) -> None:
+        with self.log_lock:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+
+
+class WorkerGroup:
+    """This node's workers for the current round.
+
+    start() must be called from a long-lived thread (the agent's main thread): the kernel sends
+    PR_SET_PDEATHSIG when the *thread* that forked a worker exits, not only when the agent does.
+    """
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self._workers: List[_Worker] = []
+        self._failure: Optional[WorkerFailure] = None
+
+    @property
+    def pids(self) -> List[int]:
+        return [w.proc.pid for w in self._workers]
+
+    @property
+    def running(self) -> bool:
+        """True while any worker of the current round has not exited."""
+        return any(w.proc.poll() is None for w in self._workers)
+
+    def start(self, assignment: WorldAssignment) -> None:
+        """Spawn spec.nproc workers for one round.
+
+        Raises:
+            RuntimeError: workers of an earlier round are still running; stop() them first.
+            ValueError: this node's ranks do not fit in the assignment's world size.
+            WorkerStartError: a worker could not be started; those already started are stopped.
+        """
+        if self.running:
+            raise RuntimeError("workers are still running; stop() them before starting a round")
+        self.stop()  # release the finished round's pipes and logs, and kill anything it left
+        if assignment.rank_offset + self.spec.nproc > assignment.world_size:
+            raise ValueError(
+                f"ranks {assignment.rank_offset}..{assignment.rank_offset + self.spec.nproc - 1}"
+                f" do not fit in a world of {assignment.world_size}"
+            )
+        round_dir = None
+        if self.spec.log_dir is not None:
+            round_dir = os.path.join(self.spec.log_dir, f"round{assignment.round}")
+            os.makedirs(round_dir, exist_ok=True)
+        preexec, base = _die_with_agent(os.getpid()), dict(os.environ)
+        for local_rank in range(self.spec.nproc):
+            rank = assignment.rank_offset + local_rank
+            log = open(os.path.join(round_dir, f"rank{rank}.log"), "a", encoding="utf-8") \
+                if round_dir else None
+            try:
+                proc = subprocess.Popen(
+                    self.spec.argv, env=worker_env(base, self.spec, assignment, local_rank),
+                    stdin=subprocess.DEVNULL,  # workers must not compete with the agent for a tty
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True, preexec_fn=preexec,
+                )
+            except OSError as exc:
+                if log is not None:
+                    log.close()
+                self.stop(signal.SIGKILL, 0)
+                raise WorkerStartError(
+                    f"cannot start worker rank {rank}: {exc.strerror}: {self.spec.argv[0]!r}"
+                    f" (command: {shlex.join(self.spec.argv)}); check the path to the executable"
+                ) from exc
+            worker = _Worker(local_rank, rank, proc, log)
+            for pipe, console in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+                reader = threading.Thread(
+                    target=worker.pump, args=(pipe, console, self.spec.echo),
+                    name=f"rank{rank}-{console}", daemon=True,
+                )
+                reader.start()
+                worker.readers.append(reader)
+            self._workers.append(worker)
+
+    def poll(self) -> GroupState:
+        """Where the round stands, without blocking (beyond draining a failed worker's stderr)."""
+        if not self._workers:
+            return GroupState("stopped")
+        codes = [w.proc.poll() for w in self._workers]
+        if self._failure is None:
+            for worker, code in zip(self._workers, codes):
+                if code is not None and code != 0:
+                    self._failure = self._failure_of(worker, code)
+                    break
+        if self._failure is not None:
+            return GroupState("failed", self._failure)
+        if all(code == 0 for code in codes):
+            for worker in self._workers:  # so that the last lines are out before we say "done"
+                for reader in worker.readers:
+                    reader.join(READER_JOIN_TIMEOUT_S)
+            return GroupState("succeeded")
+        return GroupState("running")
+
+    def _failure_of(self, worker: _Worker, code: int) -> WorkerFailure:
+        noticed = time.time()
+        worker.readers[1].join(READER_JOIN_TIMEOUT_S)  # the stderr reader: the traceback is last
+        return WorkerFailure(
+            rank=worker.rank, local_rank=worker.local_rank, pid=worker.proc.pid, exitcode=code,
+            time=noticed, traceback=_last_traceback(worker.stderr_tail),
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, grace_period_s: Optional[float] = None) -> None:
+        """Send sig to every worker's process group, SIGKILL what is left after the grace period
+        (descendants that left the group included), reap, and close the logs. Idempotent."""
+        workers, self._workers, self._failure = self._workers, [], None
+        if not workers:
+            return
+        grace = self.spec.grace_period_s if grace_period_s is None else grace_period_s
+        groups = {w.proc.pid for w in workers}  # start_new_session: each worker leads its group
+        # Collected before signalling: once a worker dies its children are re-parented and can
+        # no longer be found from it.
+        descendants: List[psutil.Process] = []
+        for w in workers:
+            try:
+                descendants += psutil.Process(w.proc.pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        for pgid in groups:
+            _signal_group(pgid, sig)
+        for proc in descendants:  # those that moved to a group of their own (setsid, daemons)
+            try:
+                if os.getpgid(proc.pid) not in groups:
+                    proc.send_signal(sig)
+            except (OSError, psutil.Error):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (
+            any(w.proc.poll() is None for w in workers) or any(_alive(p) for p in descendants)
+        ):
+            time.sleep(STOP_POLL_INTERVAL_S)
+        # Also for workers that exited: members of their group may outlive them.
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGKILL)
+        for proc in descendants:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        kill_deadline = time.monotonic() + KILL_WAIT_S
+        for w in workers:
+            try:
+                w.proc.wait(max(0.0, kill_deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # stuck in the kernel (D state); nothing more to do
+                print(f"elastic agent: worker pid {w.proc.pid} survived SIGKILL", file=sys.stderr)
+        while time.monotonic() < kill_deadline and any(_alive(p) for p in descendants):
+            time.sleep(STOP_POLL_INTERVAL_S)
+        for w in workers:
+            for reader in w.readers:
+                reader.join(READER_JOIN_TIMEOUT_S)
+            w.close_log()

@@ -1,0 +1,170 @@
+"""The rendezvous contract: settings, the records kept in etcd, and the errors a user can meet.
+
+Everything here is plain data. The records serialise to JSON so that any agent (or an operator
+with `etcdctl`) can read what the job looks like from etcd alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Tuple
+
+
+class RendezvousError(Exception):
+    """Base class of every rendezvous error."""
+
+
+class RendezvousConnectionError(RendezvousError):
+    """etcd cannot be reached, or what answered is not etcd."""
+
+
+class RendezvousTimeoutError(RendezvousError):
+    """Fewer than min nodes joined within join_timeout."""
+
+
+class RendezvousClosedError(RendezvousError):
+    """The job has ended (succeeded or failed); no new round will be published."""
+
+
+class RendezvousStateError(RendezvousError):
+    """The state in etcd is not what this agent expected (for example a lost compare-and-swap)."""
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """How one job's membership behaves.
+
+    join_timeout: how long the job may stay below min_nodes (at the start, or after nodes left)
+        before it fails.
+    last_call_timeout: once min_nodes are present, how long the leader waits for more before it
+        publishes the first round (skipped when max_nodes are present).
+    join_settle: joins that arrive within this window of the first waiting node are coalesced into
+        one round, so that N nodes starting together cause one rescale, not N.
+    lease_ttl: a node whose agent stops refreshing its lease for this long is removed.
+    max_restarts: worker failures the job survives; membership changes do not count.
+    """
+
+    run_id: str
+    min_nodes: int = 1
+    max_nodes: int = 1
+    join_timeout: float = 600.0
+    last_call_timeout: float = 3.0
+    join_settle: float = 0.5
+    lease_ttl: float = 10.0
+    max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.run_id or "/" in self.run_id:
+            raise ValueError(f"run id {self.run_id!r} must be non-empty and contain no '/'")
+        if self.min_nodes < 1:
+            raise ValueError(f"min nodes must be at least 1, got {self.min_nodes}")
+        if self.max_nodes < self.min_nodes:
+            raise ValueError(
+                f"max nodes ({self.max_nodes}) is below min nodes ({self.min_nodes}); "
+                "write --nnodes MIN:MAX with MIN <= MAX"
+            )
+        for name in ("join_timeout", "last_call_timeout", "join_settle"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.lease_ttl < 1:
+            raise ValueError(f"lease_ttl must be at least 1 second, got {self.lease_ttl}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max restarts must not be negative, got {self.max_restarts}")
+
+
+def _dumps(obj) -> str:
+    return json.dumps(asdict(obj), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One agent's registration, kept under its lease at nodes/<node_id>."""
+
+    node_id: str
+    host: str
+    nproc: int
+    health_addr: str
+    lease_id: int
+    joined_at: float
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "NodeInfo":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Member:
+    """A node's place in a round."""
+
+    node_id: str
+    host: str
+    nproc: int
+
+
+@dataclass(frozen=True)
+class Round:
+    """One generation of the job, published by the leader at `round`.
+
+    members are in rank order: survivors keep their order, newcomers are appended. A round with
+    active=False means the job is waiting for nodes (below min): members run no workers.
+    cause names what made the leader publish it; cause_time is when the leader observed it, so
+    agents can report how long the rescale took.
+    """
+
+    number: int
+    members: Tuple[Member, ...]
+    active: bool = True
+    restart_count: int = 0
+    cause: str = "start"
+    cause_time: float = 0.0
+
+    @property
+    def node_ids(self) -> Tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+    @property
+    def world_size(self) -> int:
+        return sum(m.nproc for m in self.members) if self.active else 0
+
+    def group_rank(self, node_id: str) -> Optional[int]:
+        ids = self.node_ids
+        return ids.index(node_id) if node_id in ids else None
+
+    def rank_offset(self, node_id: str) -> int:
+        """Global rank of the node's local rank 0."""
+        offset = 0
+        for m in self.members:
+            if m.node_id == node_id:
+                return offset
+            offset += m.nproc
+        raise KeyError(node_id)
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "Round":
+        data = json.loads(text)
+        data["members"] = tuple(Member(**m) for m in data["members"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The terminal state, written once at `state`; no round follows it."""
+
+    status: str  # "succeeded" or "failed"
+    reason: str = ""
+    node_id: str = ""
+    exit_code: int = 0
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "JobOutcome":
+        return cls(**json.loads(text))

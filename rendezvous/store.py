@@ -1,0 +1,203 @@
+"""The etcd v3 adapter: one job's keys under /elastic/<run_id>/, read and written atomically.
+
+Layout (all values JSON unless noted):
+    spec                 {"min_nodes", "max_nodes", "created_at"}, written once by the first agent
+    nodes/<node_id>      NodeInfo, bound to the node's lease
+    leader               node id (text), bound to the leader's lease
+    round                the current Round, only ever replaced by the leader with a compare-and-swap
+    master/<round>       "host:port" of the round's rank-0 store, written by the rank-0 agent
+    failures/<round>/<node_id>   FailureReport of a node whose workers failed in that round
+    state                JobOutcome, written once when the job ends
+
+Every client-library error becomes a RendezvousConnectionError here (`raise ... from`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+from .api import JobOutcome, NodeInfo, RendezvousConnectionError, Round
+from .connect import connect
+from .decision import FailureReport
+
+PREFIX = "/elastic"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything about one job, read in a single request (one etcd revision)."""
+
+    nodes: Dict[str, NodeInfo]
+    leader: Optional[str]
+    round: Optional[Round]
+    round_revision: int
+    masters: Dict[int, str]
+    failures: Dict[int, Tuple[FailureReport, ...]]
+    outcome: Optional[JobOutcome]
+    spec: Optional[dict]
+
+    def failures_for(self, number: int) -> Tuple[FailureReport, ...]:
+        return self.failures.get(number, ())
+
+
+def _converted(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RendezvousConnectionError:
+            raise
+        except Exception as exc:  # grpc and pyetcd raise many unrelated types
+            if type(exc).__module__.split(".")[0] not in ("grpc", "pyetcd", "google"):
+                raise
+            raise RendezvousConnectionError(
+                f"etcd at {self.endpoint} failed during {method.__name__}: {exc}"
+            ) from exc
+    return wrapper
+
+
+class EtcdStore:
+    """One job's view of etcd. Thread-safe: the underlying gRPC channel is."""
+
+    def __init__(self, endpoint: str, run_id: str, timeout: float = 5.0):
+        self.endpoint = endpoint
+        self.run_id = run_id
+        self._root = f"{PREFIX}/{run_id}/"
+        self._client = connect(endpoint, timeout=timeout)
+        self._watch_id = None
+        self._lock = threading.Lock()
+
+    def _key(self, *parts) -> str:
+        return self._root + "/".join(str(p) for p in parts)
+
+    # -- leases --------------------------------------------------------------------------
+    @_converted
+    def grant_lease(self, ttl: float) -> int:
+        return self._client.lease(max(1, int(round(ttl)))).id
+
+    @_converted
+    def refresh_lease(self, lease_id: int) -> bool:
+        """Keep a lease alive; False when it no longer exists (expired or revoked)."""
+        responses = list(self._client.refresh_lease(lease_id))
+        return bool(responses) and responses[-1].TTL > 0
+
+    @_converted
+    def revoke_lease(self, lease_id: int) -> None:
+        try:
+            self._client.revoke_lease(lease_id)
+        except Exception as exc:
+            if "not found" not in str(exc).lower():
+                raise
+
+    # -- writes --------------------------------------------------------------------------
+    @_converted
+    def ensure_spec(self, spec: dict) -> dict:
+        """Write the job spec unless one exists; return the spec in force."""
+        self._client.put_if_not_exists(self._key("spec"), json.dumps(spec))
+        value, _ = self._client.get(self._key("spec"))
+        return json.loads(value)
+
+    @_converted
+    def register(self, node: NodeInfo) -> None:
+        self._client.put(self._key("nodes", node.node_id), node.to_json(), lease=node.lease_id)
+
+    @_converted
+    def campaign(self, node_id: str, lease_id: int) -> bool:
+        """Become leader if nobody is; the key vanishes with the lease, so a dead leader is replaced."""
+        key = self._key("leader")
+        tx = self._client.transactions
+        ok, _ = self._client.transaction(
+            compare=[tx.create(key) == 0],
+            success=[tx.put(key, node_id, lease=lease_id)],
+            failure=[],
+        )
+        return ok
+
+    @_converted
+    def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool:
+        """Replace the round only if nobody replaced it since we read it and we still lead.
+
+        This is the fencing: a leader that lost its lease (and maybe does not know yet) cannot
+        overwrite a round published by its successor.
+        """
+        tx = self._client.transactions
+        ok, _ = self._client.transaction(
+            compare=[tx.mod(self._key("round")) == expected_revision,
+                     tx.value(self._key("leader")) == leader_id],
+            success=[tx.put(self._key("round"), rnd.to_json())],
+            failure=[],
+        )
+        return ok
+
+    @_converted
+    def put_master(self, number: int, addr: str) -> None:
+        self._client.put(self._key("master", number), addr)
+
+    @_converted
+    def report_failure(self, number: int, report: FailureReport) -> None:
+        self._client.put(self._key("failures", number, report.node_id), json.dumps(asdict(report)))
+
+    @_converted
+    def set_outcome(self, outcome: JobOutcome) -> JobOutcome:
+        """Write the terminal state once; return whichever outcome won."""
+        self._client.put_if_not_exists(self._key("state"), outcome.to_json())
+        value, _ = self._client.get(self._key("state"))
+        return JobOutcome.from_json(value)
+
+    @_converted
+    def delete_job(self) -> None:
+        self._client.delete_prefix(self._root)
+
+    # -- reads ---------------------------------------------------------------------------
+    @_converted
+    def snapshot(self) -> Snapshot:
+        nodes, masters, failures = {}, {}, {}
+        leader = rnd = outcome = spec = None
+        revision = 0
+        for value, meta in self._client.get_prefix(self._root):
+            rel = meta.key.decode()[len(self._root):].split("/")
+            kind = rel[0]
+            if kind == "nodes":
+                nodes[rel[1]] = NodeInfo.from_json(value)
+            elif kind == "leader":
+                leader = value.decode()
+            elif kind == "round":
+                rnd, revision = Round.from_json(value), meta.mod_revision
+            elif kind == "master":
+                masters[int(rel[1])] = value.decode()
+            elif kind == "failures":
+                report = FailureReport(**json.loads(value))
+                failures.setdefault(int(rel[1]), []).append(report)
+            elif kind == "state":
+                outcome = JobOutcome.from_json(value)
+            elif kind == "spec":
+                spec = json.loads(value)
+        return Snapshot(
+            nodes=nodes, leader=leader, round=rnd, round_revision=revision, masters=masters,
+            failures={k: tuple(v) for k, v in failures.items()}, outcome=outcome, spec=spec,
+        )
+
+    # -- change notification -------------------------------------------------------------
+    @_converted
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` (from a client thread) whenever any key of the job changes."""
+        with self._lock:
+            if self._watch_id is None:
+                self._watch_id = self._client.add_watch_prefix_callback(
+                    self._root, lambda _response: callback())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._watch_id is not None:
+                try:
+                    self._client.cancel_watch(self._watch_id)
+                except Exception:
+                    pass  # closing anyway; etcd may be gone
+                self._watch_id = None
+        try:
+            self._client.close()
+        except Exception:
+            pass

@@ -1,0 +1,100 @@
+"""Running launcher agents as separate processes, the way users and tests see them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = Path(__file__).resolve().parent / "scripts" / "steps.py"
+
+
+class Agent:
+    """One `python -m elastic.run` process; output goes to <tmp>/<name>.out."""
+
+    def __init__(self, args, tmp_path, name, mark, env=None):
+        self.name = name
+        self.out = Path(tmp_path) / f"{name}.out"
+        full_env = dict(os.environ, PYTHONPATH=str(REPO), ELASTIC_TEST_MARK=mark, **(env or {}))
+        with open(self.out, "wb") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "elastic.run", *[str(a) for a in args]],
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                env=full_env, start_new_session=True)
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def kill_node(self) -> None:
+        """A node's death: the agent and every process under it, whatever their session."""
+        try:
+            tree = [psutil.Process(self.proc.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill_node()
+
+
+def new_mark() -> str:
+    return uuid.uuid4().hex
+
+
+def processes_with_mark(mark):
+    """Live processes that inherited ELASTIC_TEST_MARK=mark (workers, etcd, agents)."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("ELASTIC_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_events(log_dir):
+    path = Path(log_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written right now
+    return events
+
+
+def worlds_started(log_dir, node=None):
+    """World sizes of the rounds workers were started in, in order (per node if given)."""
+    return [e["world_size"] for e in read_events(log_dir)
+            if e["event"] in ("rendezvous", "rescale") and (node is None or e["node"] == node)]

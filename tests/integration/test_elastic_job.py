@@ -1,0 +1,122 @@
+"""Elastic jobs of 2-3 agents as separate processes on 127.0.0.1 sharing one real etcd."""
+import signal
+
+import pytest
+
+from .agents import (STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for,
+                     worlds_started)
+
+pytestmark = pytest.mark.integration
+
+# A long lease proves the fast path: a dead node must be gone long before its lease would expire.
+RDZV_CONF = "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60"
+
+
+@pytest.fixture
+def job(tmp_path, etcd_endpoint, run_id):
+    mark = new_mark()
+    agents = []
+    log_dir = tmp_path / "logs"
+    stop_file = tmp_path / "stop"
+
+    def start(name, nnodes="1:3", nproc=1, extra=(), script_extra=()):
+        args = ["--nnodes", nnodes, "--nproc-per-node", nproc, "--rdzv-endpoint", etcd_endpoint,
+                "--rdzv-id", run_id, "--rdzv-conf", RDZV_CONF, "--log-dir", log_dir,
+                "--monitor-interval", "0.1", *extra, STEPS, "--stop-file", stop_file,
+                *script_extra]
+        agent = Agent(args, tmp_path, name, mark)
+        agents.append(agent)
+        return agent
+
+    start.log_dir, start.stop_file, start.mark = log_dir, stop_file, mark
+    yield start
+    for agent in agents:
+        agent.stop()
+    assert processes_with_mark(mark) == [], "processes outlived the test's agents"
+
+
+def running_world(job, size, count=1):
+    """Wait until workers have been started in a world of `size` at least `count` times."""
+    wait_for(lambda: worlds_started(job.log_dir).count(size) >= count, timeout=60,
+             what=f"workers running in a world of {size}")
+
+
+def test_grows_as_agents_join_shrinks_on_sigkill_and_sigterm_then_finishes(job):
+    a = job("a")
+    running_world(job, 1)
+    b = job("b")
+    running_world(job, 2)
+    c = job("c")
+    running_world(job, 3)
+    assert worlds_started(job.log_dir)[:1] == [1]
+
+    c.kill_node()
+    running_world(job, 2, count=2 * 2)  # two agents restarted their workers in a world of 2
+    left = [e for e in read_events(job.log_dir) if e["event"] == "node_left"]
+    assert left and left[-1]["cause"] == "removed"
+
+    b.signal(signal.SIGTERM)
+    assert b.wait(30) == 128 + signal.SIGTERM
+    running_world(job, 1, count=2)
+    assert any(e["event"] == "node_left" and e["cause"] == "sigterm"
+               for e in read_events(job.log_dir))
+
+    job.stop_file.touch()
+    assert a.wait(60) == 0
+    out = a.output()
+    for world in (1, 2, 3):
+        assert f"world={world} rank=0" in out, f"no step in a world of {world}:\n{out[-3000:]}"
+    events = read_events(job.log_dir)
+    assert events[-1]["event"] == "job_finished" and events[-1]["exit_code"] == 0
+    rescales = [e for e in events if e["event"] == "rescale"]
+    assert all(e["duration_s"] >= 0 for e in rescales)
+    assert {e["cause"] for e in rescales} >= {"node_joined", "node_left"}
+    assert all(e["restart_count"] == 0 for e in rescales)  # membership changes are not failures
+
+
+def test_leader_killed_another_agent_takes_over(job):
+    a = job("a", nnodes="1:2")
+    running_world(job, 1)
+    b = job("b", nnodes="1:2")
+    running_world(job, 2)
+    a.kill_node()  # the first agent leads and hosts rank 0's store
+    running_world(job, 1, count=2)
+    job.stop_file.touch()
+    assert b.wait(60) == 0
+    assert "world=1 rank=0" in b.output().split("world=2")[-1]
+
+
+def test_below_min_nodes_waits_join_timeout_then_fails(tmp_path, etcd_endpoint, run_id):
+    mark = new_mark()
+    agent = Agent(["--nnodes", "2:3", "--rdzv-endpoint", etcd_endpoint, "--rdzv-id", run_id,
+                   "--rdzv-conf", "join_timeout=2", STEPS, "--stop-file", tmp_path / "stop"],
+                  tmp_path, "lonely", mark)
+    try:
+        code = agent.wait(60)
+    finally:
+        agent.stop()
+    assert code == 1
+    assert "error: job failed: only 1 of the 2 nodes needed joined within join_timeout=2s" in agent.output()
+    assert processes_with_mark(mark) == []
+
+
+def test_worker_failures_count_against_max_restarts(job):
+    a = job("a", nnodes="1", nproc=2, extra=["--max-restarts", "1"],
+            script_extra=["--fail-first-attempt"])
+    running_world(job, 2)
+    job.stop_file.touch()
+    assert a.wait(60) == 0
+    events = read_events(job.log_dir)
+    failed = [e for e in events if e["event"] == "worker_failed"]
+    assert failed and failed[0]["rank"] == 0 and failed[0]["exit_code"] == 3
+    assert [e["restart_count"] for e in events if e["event"] == "rescale"] == [1]
+    assert "world=2 rank=1" in a.output()
+
+
+def test_worker_failure_beyond_max_restarts_fails_the_job_with_a_report(job):
+    a = job("a", nnodes="1", nproc=2, script_extra=["--fail-first-attempt"])
+    assert a.wait(60) == 3
+    out = a.output()
+    assert "error: job failed: rank 0 (local rank 0" in out
+    assert "exited with code 3" in out and "max_restarts=0 exhausted" in out
+    assert read_events(job.log_dir)[-1]["event"] == "job_failed"

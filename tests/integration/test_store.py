@@ -1,0 +1,144 @@
+"""Contract of the etcd adapter and of membership, against a real etcd on 127.0.0.1."""
+import threading
+import time
+
+import pytest
+
+from rendezvous.api import JobOutcome, Member, NodeInfo, RendezvousConnectionError, RendezvousSettings, Round
+from rendezvous.decision import FailureReport
+from rendezvous.membership import Membership
+from rendezvous.store import EtcdStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(etcd_endpoint, run_id):
+    s = EtcdStore(etcd_endpoint, run_id)
+    yield s
+    s.delete_job()
+    s.close()
+
+
+def node(store, nid, ttl=5):
+    lease = store.grant_lease(ttl)
+    info = NodeInfo(node_id=nid, host="127.0.0.1", nproc=1, health_addr="127.0.0.1:1",
+                    lease_id=lease, joined_at=time.time())
+    store.register(info)
+    return info
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_registration_disappears_with_revoked_lease(store):
+    a = node(store, "a")
+    node(store, "b")
+    assert set(store.snapshot().nodes) == {"a", "b"}
+    store.revoke_lease(a.lease_id)
+    assert set(store.snapshot().nodes) == {"b"}
+    store.revoke_lease(a.lease_id)  # revoking twice is harmless
+
+
+def test_registration_expires_without_keepalive(store):
+    node(store, "a", ttl=1)
+    assert wait_until(lambda: "a" not in store.snapshot().nodes, timeout=10)
+
+
+def test_only_one_leader_and_takeover_after_lease_loss(store):
+    a, b = node(store, "a"), node(store, "b")
+    assert store.campaign("a", a.lease_id)
+    assert not store.campaign("b", b.lease_id)
+    assert store.snapshot().leader == "a"
+    store.revoke_lease(a.lease_id)
+    assert store.campaign("b", b.lease_id)
+    assert store.snapshot().leader == "b"
+
+
+def test_round_publication_is_fenced(store):
+    a, b = node(store, "a"), node(store, "b")
+    store.campaign("a", a.lease_id)
+    r1 = Round(number=1, members=(Member("a", "127.0.0.1", 1),))
+    assert store.publish_round(r1, 0, "a")
+    snap = store.snapshot()
+    assert snap.round == r1
+    # A stale revision loses, even for the leader.
+    r2 = Round(number=2, members=r1.members + (Member("b", "127.0.0.1", 1),))
+    assert not store.publish_round(r2, 0, "a")
+    # A node that is not the leader loses, even with the right revision.
+    assert not store.publish_round(r2, snap.round_revision, "b")
+    assert store.publish_round(r2, snap.round_revision, "a")
+    assert store.snapshot().round.number == 2
+
+
+def test_failures_masters_and_outcome(store):
+    store.report_failure(3, FailureReport("a", 1.0, "rank 0 exited with code 1", 1))
+    store.put_master(3, "127.0.0.1:1234")
+    snap = store.snapshot()
+    assert snap.failures_for(3)[0].description == "rank 0 exited with code 1"
+    assert snap.failures_for(2) == ()
+    assert snap.masters[3] == "127.0.0.1:1234"
+    first = store.set_outcome(JobOutcome(status="failed", reason="x"))
+    second = store.set_outcome(JobOutcome(status="succeeded"))
+    assert first.status == second.status == "failed"  # written once
+
+
+def test_jobs_sharing_etcd_do_not_see_each_other(etcd_endpoint, store):
+    other = EtcdStore(etcd_endpoint, store.run_id + "-other")
+    try:
+        node(store, "a")
+        node(other, "z")
+        assert set(store.snapshot().nodes) == {"a"}
+        assert set(other.snapshot().nodes) == {"z"}
+    finally:
+        other.delete_job()
+        other.close()
+
+
+def test_watch_wakes_on_change(store):
+    woke = threading.Event()
+    store.watch(woke.set)
+    node(store, "a")
+    assert woke.wait(5)
+
+
+def test_unreachable_endpoint_is_a_connection_error(run_id):
+    with pytest.raises(RendezvousConnectionError, match="unreachable"):
+        EtcdStore("127.0.0.1:1", run_id, timeout=1)
+
+
+def test_memberships_form_rounds_and_shrink_on_leave(etcd_endpoint, run_id):
+    settings = RendezvousSettings(run_id=run_id, min_nodes=1, max_nodes=3,
+                                  last_call_timeout=0.2, join_settle=0.1, lease_ttl=5)
+    stores = [EtcdStore(etcd_endpoint, run_id) for _ in range(2)]
+    a = Membership(stores[0], settings, host="127.0.0.1", nproc=2, health_addr="x:1", node_id="a")
+    b = Membership(stores[1], settings, host="127.0.0.1", nproc=1, health_addr="x:2", node_id="b")
+    try:
+        a.join()
+
+        def step_all():
+            for m in (a, b):
+                if m._lease_id is not None:
+                    m.step()
+            return stores[0].snapshot().round
+
+        assert wait_until(lambda: (r := step_all()) is not None and r.node_ids == ("a",))
+        b.join()
+        assert wait_until(lambda: step_all().node_ids == ("a", "b"))
+        assert stores[0].snapshot().round.world_size == 3
+        a.leave()  # the leader leaves: b takes over and publishes a round without a
+        assert wait_until(lambda: step_all().node_ids == ("b",))
+        snap = stores[1].snapshot()
+        assert snap.leader == "b" and snap.round.cause == "node_left"
+    finally:
+        a.leave()
+        b.leave()
+        stores[0].delete_job()
+        for s in stores:
+            s.close()
