@@ -249,6 +249,9 @@ def _interrupt(signum, _frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # The agent forks workers while gRPC threads run; the children exec at once and never use
+    # gRPC, so its fork handlers are not needed (and would log a warning on every fork).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from launcher.workers import WorkerStartError
     from rendezvous.api import RendezvousError
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import IO, Iterable, Mapping, Optional
 
 import psutil
 
@@ -42,7 +42,7 @@ class WorkerStartError(RuntimeError):
 class WorkerSpec:
     """How this node runs its workers; the same for every round."""
 
-    argv: Tuple[str, ...]
+    argv: tuple[str, ...]
     nproc: int
     log_dir: Optional[str] = None
     grace_period_s: float = 5.0
@@ -96,11 +96,11 @@ class WorkerFailure:
 
     def describe(self) -> str:
         who = f"rank {self.rank} (local rank {self.local_rank}, pid {self.pid})"
-        if self.exitcode < 0:
-            try:
-                what = f"was killed by signal {signal.Signals(-self.exitcode).name}"
-            except ValueError:
-                what = f"was killed by signal {-self.exitcode}"
+        signum = -self.exitcode
+        if signum > 0:
+            # Real-time signals (SIGRTMIN+n) have no name in signal.Signals.
+            name = {s.value: s.name for s in signal.Signals}.get(signum, signum)
+            what = f"was killed by signal {name}"
         else:
             what = f"exited with code {self.exitcode}"
         last = [line for line in self.traceback.splitlines() if line.strip()]
@@ -117,11 +117,11 @@ class GroupState:
 
 def worker_env(
     base: Mapping[str, str], spec: WorkerSpec, assignment: WorldAssignment, local_rank: int
-) -> Dict[str, str]:
-    """The environment of one worker: base (the agent's), then extra_env, then what torchrun sets."""
+) -> dict[str, str]:
+    """One worker's environment: base (the agent's), then extra_env, then what torchrun sets."""
     env = dict(base)
     env.update(spec.extra_env)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default: N workers x all cores oversubscribes
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
     rank = assignment.rank_offset + local_rank
     a = assignment
     env.update(
@@ -151,10 +151,8 @@ def _die_with_agent(agent_pid: int):
     prctl, sigkill = _prctl(), int(signal.SIGKILL)
 
     def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0:
-            os.write(2, b"elastic agent: prctl(PR_SET_PDEATHSIG) failed\n")
-            os._exit(1)
-        if os.getppid() != agent_pid:  # the agent died before the request took effect
+        # If the agent died before the request took effect, nobody would ever kill this worker.
+        if prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0 or os.getppid() != agent_pid:
             os._exit(1)
 
     return preexec
@@ -178,21 +176,14 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the whole group is gone already
-
-
 class _Worker:
     """One spawned rank: its process, the threads reading its pipes, its log and recent stderr."""
 
     def __init__(self, local_rank: int, rank: int, proc: subprocess.Popen, log: Optional[IO[str]]):
         self.local_rank, self.rank, self.proc, self.log = local_rank, rank, proc, log
         self.log_lock = threading.Lock()
-        self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self.readers: List[threading.Thread] = []
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.readers: list[threading.Thread] = []
 
     def pump(self, pipe: IO[bytes], console: str, echo: bool) -> None:
         prefix = f"[rank{self.rank}]: "
@@ -208,14 +199,39 @@ class _Worker:
                 if echo:
                     with _CONSOLE_LOCK:
                         stream = getattr(sys, console)  # looked up per line: it may be replaced
-                        stream.write(prefix + line)
-                        stream.flush()
+                        try:
+                            stream.write(prefix + line)
+                            stream.flush()
+                        except (OSError, ValueError):  # console gone; keep draining the pipe
+                            echo = False
 
     def close_log(self) -> None:
         with self.log_lock:
             if self.log is not None:
                 self.log.close()
                 self.log = None
+
+
+def _send(sig: int, groups: set[int], descendants: list[psutil.Process]) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group is gone already
+    for proc in descendants:  # those that left their worker's group (setsid, daemons)
+        try:
+            if os.getpgid(proc.pid) not in groups:
+                proc.send_signal(sig)
+        except (OSError, psutil.Error):
+            pass
+
+
+def _wait_gone(workers: list[_Worker], descendants: list[psutil.Process], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (
+        any(w.proc.poll() is None for w in workers) or any(_alive(p) for p in descendants)
+    ):
+        time.sleep(STOP_POLL_INTERVAL_S)
 
 
 class WorkerGroup:
@@ -227,29 +243,29 @@ class WorkerGroup:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self._workers: List[_Worker] = []
+        self._workers: list[_Worker] = []
         self._failure: Optional[WorkerFailure] = None
 
     @property
-    def pids(self) -> List[int]:
+    def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
 
     @property
     def running(self) -> bool:
-        """True while any worker of the current round has not exited."""
-        return any(w.proc.poll() is None for w in self._workers)
+        """True from start() until stop(), whether or not the workers have exited yet: the
+        round's processes, pipes and logs are held until stop(); poll() says how they are."""
+        return bool(self._workers)
 
     def start(self, assignment: WorldAssignment) -> None:
         """Spawn spec.nproc workers for one round.
 
         Raises:
-            RuntimeError: workers of an earlier round are still running; stop() them first.
+            RuntimeError: the group is already running a round; stop() it first.
             ValueError: this node's ranks do not fit in the assignment's world size.
             WorkerStartError: a worker could not be started; those already started are stopped.
         """
         if self.running:
-            raise RuntimeError("workers are still running; stop() them before starting a round")
-        self.stop()  # release the finished round's pipes and logs, and kill anything it left
+            raise RuntimeError("the workers of a round are still held; stop() them first")
         if assignment.rank_offset + self.spec.nproc > assignment.world_size:
             raise ValueError(
                 f"ranks {assignment.rank_offset}..{assignment.rank_offset + self.spec.nproc - 1}"
@@ -326,41 +342,18 @@ class WorkerGroup:
         groups = {w.proc.pid for w in workers}  # start_new_session: each worker leads its group
         # Collected before signalling: once a worker dies its children are re-parented and can
         # no longer be found from it.
-        descendants: List[psutil.Process] = []
+        descendants: list[psutil.Process] = []
         for w in workers:
-            try:
-                descendants += psutil.Process(w.proc.pid).children(recursive=True)
-            except psutil.Error:
-                pass
-        for pgid in groups:
-            _signal_group(pgid, sig)
-        for proc in descendants:  # those that moved to a group of their own (setsid, daemons)
-            try:
-                if os.getpgid(proc.pid) not in groups:
-                    proc.send_signal(sig)
-            except (OSError, psutil.Error):
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (
-            any(w.proc.poll() is None for w in workers) or any(_alive(p) for p in descendants)
-        ):
-            time.sleep(STOP_POLL_INTERVAL_S)
-        # Also for workers that exited: members of their group may outlive them.
-        for pgid in groups:
-            _signal_group(pgid, signal.SIGKILL)
-        for proc in descendants:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        kill_deadline = time.monotonic() + KILL_WAIT_S
-        for w in workers:
-            try:
-                w.proc.wait(max(0.0, kill_deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # stuck in the kernel (D state); nothing more to do
-                print(f"elastic agent: worker pid {w.proc.pid} survived SIGKILL", file=sys.stderr)
-        while time.monotonic() < kill_deadline and any(_alive(p) for p in descendants):
-            time.sleep(STOP_POLL_INTERVAL_S)
+            if w.proc.poll() is None:  # unreaped, so the pid is still this worker's
+                try:
+                    descendants += psutil.Process(w.proc.pid).children(recursive=True)
+                except psutil.Error:
+                    pass
+        _send(sig, groups, descendants)
+        _wait_gone(workers, descendants, grace)
+        # Also to the groups of workers that exited: their members may outlive them.
+        _send(signal.SIGKILL, groups, descendants)
+        _wait_gone(workers, descendants, KILL_WAIT_S)  # reaps the workers
         for w in workers:
             for reader in w.readers:
                 reader.join(READER_JOIN_TIMEOUT_S)

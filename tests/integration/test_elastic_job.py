@@ -35,29 +35,32 @@ def job(tmp_path, etcd_endpoint, run_id):
     assert processes_with_mark(mark) == [], "processes outlived the test's agents"
 
 
-def running_world(job, size, count=1):
-    """Wait until workers have been started in a world of `size` at least `count` times."""
-    wait_for(lambda: worlds_started(job.log_dir).count(size) >= count, timeout=60,
-             what=f"workers running in a world of {size}")
+def stepping(agent, world, since=0):
+    """Wait until the agent's rank-0 worker prints a training step in a world of `world` after
+    output position `since`; return the new output position."""
+    needle = f"world={world} rank=0"
+    wait_for(lambda: needle in agent.output()[since:], timeout=60,
+             what=f"a step in a world of {world} on {agent.name}")
+    return len(agent.output())
 
 
 def test_grows_as_agents_join_shrinks_on_sigkill_and_sigterm_then_finishes(job):
     a = job("a")
-    running_world(job, 1)
+    pos = stepping(a, 1)
     b = job("b")
-    running_world(job, 2)
+    pos = stepping(a, 2, pos)
     c = job("c")
-    running_world(job, 3)
-    assert worlds_started(job.log_dir)[:1] == [1]
+    pos = stepping(a, 3, pos)
+    assert worlds_started(job.log_dir) == [1, 2, 2, 3, 3, 3]
 
     c.kill_node()
-    running_world(job, 2, count=2 * 2)  # two agents restarted their workers in a world of 2
+    pos = stepping(a, 2, pos)
     left = [e for e in read_events(job.log_dir) if e["event"] == "node_left"]
     assert left and left[-1]["cause"] == "removed"
 
     b.signal(signal.SIGTERM)
     assert b.wait(30) == 128 + signal.SIGTERM
-    running_world(job, 1, count=2)
+    stepping(a, 1, pos)
     assert any(e["event"] == "node_left" and e["cause"] == "sigterm"
                for e in read_events(job.log_dir))
 
@@ -76,14 +79,14 @@ def test_grows_as_agents_join_shrinks_on_sigkill_and_sigterm_then_finishes(job):
 
 def test_leader_killed_another_agent_takes_over(job):
     a = job("a", nnodes="1:2")
-    running_world(job, 1)
+    stepping(a, 1)
     b = job("b", nnodes="1:2")
-    running_world(job, 2)
+    stepping(a, 2)
     a.kill_node()  # the first agent leads and hosts rank 0's store
-    running_world(job, 1, count=2)
+    stepping(b, 1)
     job.stop_file.touch()
     assert b.wait(60) == 0
-    assert "world=1 rank=0" in b.output().split("world=2")[-1]
+    assert "is now the rendezvous leader" in b.output()
 
 
 def test_below_min_nodes_waits_join_timeout_then_fails(tmp_path, etcd_endpoint, run_id):
@@ -103,7 +106,7 @@ def test_below_min_nodes_waits_join_timeout_then_fails(tmp_path, etcd_endpoint, 
 def test_worker_failures_count_against_max_restarts(job):
     a = job("a", nnodes="1", nproc=2, extra=["--max-restarts", "1"],
             script_extra=["--fail-first-attempt"])
-    running_world(job, 2)
+    stepping(a, 2)
     job.stop_file.touch()
     assert a.wait(60) == 0
     events = read_events(job.log_dir)

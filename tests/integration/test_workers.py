@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -118,9 +117,10 @@ def test_all_workers_exiting_zero_is_success_and_omp_setting_is_kept(tmp_path, c
 
     group.start(assignment())
     state = wait_for_status(group, "succeeded")
+    assert group.running  # the round is held until stop(), exited or not
     group.stop()
 
-    assert state.failure is None
+    assert state.failure is None and not group.running
     assert sorted(capfd.readouterr().out.splitlines()) == ["[rank0]: threads 3",
                                                            "[rank1]: threads 3"]
     assert group.poll().status == "stopped" and group.pids == []
@@ -152,8 +152,9 @@ def test_first_failing_rank_is_reported_with_its_traceback(tmp_path, groups):
     with pytest.raises(RuntimeError, match="stop"):
         group.start(assignment())
 
+    rank0 = group.pids[0]
     go.touch()
-    wait_until(lambda: not group.running, "rank 0 to exit")
+    wait_until(lambda: gone(rank0), "rank 0 to exit")
     assert group.poll().failure == failure  # a later failure does not replace the first
 
 
