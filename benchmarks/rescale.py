@@ -7,7 +7,9 @@ Two scenarios per repetition, on examples/train.py slowed down with --step-sleep
   (b) scale-down: A and B train at world=2; B and every process under it get SIGKILL.
                   figure = the kill -> first STEP line printed with world=1
 
-Times come from the STEP lines the training script prints, not from either launcher.
+Times come from the STEP lines the training script prints, not from either launcher. When a
+launcher's scale-up gives no world=2, its scale-down is measured on a new job whose A and B are
+started together (the table says so).
 Launchers alternate (ours, torchrun, ours, ...) for --reps repetitions. A wait that runs past
 --timeout, or ends with an agent giving up on a timeout, is a hang; any other crash is a
 failure; both stay in the table and count as "no result" in the median.
@@ -50,12 +52,12 @@ SCENARIOS = {
 
 @dataclass(frozen=True)
 class Outcome:
-    """One scenario of one repetition: a time, or why there is none."""
+    """One scenario of one repetition: a time, or a hang / failure and why."""
 
     seconds: float | None = None
-    hang: str = ""
-    failure: str = ""
-    not_run: str = ""
+    kind: str = "time"  # time, hang or failed
+    detail: str = ""
+    waited: float = 0.0  # for a hang or failure: how long the new world was waited for
 
     def sort_key(self) -> float:
         # A hang or failure means the user never saw a step in the new world: rank it after any time.
@@ -63,18 +65,31 @@ class Outcome:
 
     def __str__(self) -> str:
         if self.seconds is not None:
-            return f"{self.seconds:.2f} s"
-        if self.hang:
-            return f"hang ({self.hang})"
-        return f"failed ({self.failure})" if self.failure else f"not run ({self.not_run})"
+            return f"{self.seconds:.2f} s" + (f" ({self.detail})" if self.detail else "")
+        return f"{self.kind} ({self.detail})"
 
 
-class Failed(Exception):
-    """The run cannot go on; shown as failed (<message>)."""
+class NoResult(Exception):
+    """A scenario that ended without a step in the new world."""
+
+    kind = "failed"
+
+    def __init__(self, detail: str, waited: float = 0.0):
+        super().__init__(detail)
+        self.waited = waited
+
+    def outcome(self, note: str = "") -> Outcome:
+        return Outcome(kind=self.kind, detail=f"{self}{'; ' + note if note else ''}", waited=self.waited)
 
 
-class Hang(Exception):
-    """No step in the new world within the wait, or an agent gave up on a timeout; shown as hang (<message>)."""
+class Failed(NoResult):
+    """The run could not go on: an agent crashed, etcd did not start, ..."""
+
+
+class Hang(NoResult):
+    """No step in the new world within the wait, or an agent gave up on a timeout."""
+
+    kind = "hang"
 
 
 def free_port() -> int:
@@ -155,7 +170,7 @@ class Run:
         self.etcd: subprocess.Popen | None = None
         self.etcd_data: Path | None = None
         self.endpoint = ""
-        self.rdzv_id = f"bench-{rep_dir.name}"
+        self.job = ""  # which job of this repetition: "grow", or "pair" for a scale-down on a new job
 
     def __enter__(self) -> "Run":
         return self
@@ -208,13 +223,16 @@ class Run:
         return [sys.executable, "-m", "elastic.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                 "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.rdzv_id,
                 "--rdzv-conf", "last_call_timeout=0.5", "--monitor-interval", "0.1",
-                "--log-dir", str(self.dir / f"agent-{name}-logs"), str(TRAIN_SCRIPT), *TRAIN_ARGS]
+                "--log-dir", str(self.dir / f"{self.job}-agent-{name}-logs"), str(TRAIN_SCRIPT), *TRAIN_ARGS]
+
+    def agent_log(self, name: str) -> Path:
+        return self.dir / f"{self.job}-agent-{name}.log"
 
     def start_agent(self, name: str) -> float:
         """Start agent `name`; return time.time() taken just before it was spawned."""
         # TMPDIR keeps torchrun's own temp log folders inside this run's directory.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.dir)}
-        with open(self.dir / f"agent-{name}.log", "wb") as out:
+        with open(self.agent_log(name), "wb") as out:
             started = time.time()
             self.agents[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env,
                                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -230,72 +248,107 @@ class Run:
                 return ts
             for name, agent in self.agents.items():
                 if agent.poll() is not None:
-                    log = self.dir / f"agent-{name}.log"
+                    waited = time.monotonic() - began
+                    log = self.agent_log(name)
                     error = last_error(log)
-                    why = (f"agent {name} exited with code {agent.returncode} after "
-                           f"{time.monotonic() - began:.0f} s: {error}; log {log.relative_to(self.dir.parent)}")
+                    why = (f"agent {name} exited with code {agent.returncode} after {waited:.0f} s: {error}; "
+                           f"log {log.relative_to(self.dir.parent)}")
                     # An agent that gives up on a timeout was stuck until then: that is a hang, not a crash.
-                    raise Hang(why) if re.search(r"time ?out|timed out", error, re.I) else Failed(why)
+                    raise (Hang if re.search(r"time ?out|timed out", error, re.I) else Failed)(why, waited)
             time.sleep(POLL_S)
-        raise Hang(f"no step in new world after {self.timeout:g} s")
+        raise Hang(f"no step in new world after {self.timeout:g} s", self.timeout)
+
+    @property
+    def rdzv_id(self) -> str:
+        return f"bench-{self.dir.name}-{self.job}"
+
+    def new_job(self, job: str) -> None:
+        """Name a new job (and for torchrun pick a new store port, which agent A hosts)."""
+        self.job = job
+        if self.launcher == "torchrun":
+            self.endpoint = f"127.0.0.1:{free_port()}"
+        elif self.etcd is None:
+            self.start_etcd()
+
+    def scale_up(self) -> Outcome:
+        self.new_job("grow")
+        started_a = self.start_agent("A")
+        try:
+            self.wait_for_step(world=1, after=started_a)
+        except Hang as exc:
+            raise Failed(f"agent A alone never trained at world=1: {exc}", exc.waited) from None
+        started_b = self.start_agent("B")
+        return Outcome(seconds=self.wait_for_step(world=2, after=started_b) - started_b)
+
+    def start_pair(self) -> None:
+        """Start a new job with A and B together, for a scale-down when the scale-up gave no world=2."""
+        for agent in self.agents.values():
+            kill_tree(agent)
+        self.agents.clear()
+        self.new_job("pair")
+        started = self.start_agent("A")
+        self.start_agent("B")
+        try:
+            self.wait_for_step(world=2, after=started)
+        except NoResult as exc:
+            raise Failed(f"A and B started together never trained at world=2: {exc}", exc.waited) from None
+
+    def scale_down(self, note: str) -> Outcome:
+        time.sleep(SETTLE_AT_WORLD_2_S)
+        self.log.poll()
+        if self.log.last_world() != 2:
+            raise Failed(f"world did not stay at 2 before the kill (last step: world={self.log.last_world()})")
+        killed = time.time()
+        kill_tree(self.agents.pop("B"))
+        return Outcome(seconds=self.wait_for_step(world=1, after=killed) - killed, detail=note)
 
     def measure(self) -> dict[str, Outcome]:
-        results: dict[str, Outcome] = {}
-        scenario = "scale-up"
         try:
-            if self.launcher == "torchrun":
-                self.endpoint = f"127.0.0.1:{free_port()}"  # agent A hosts the c10d store here
-            else:
-                self.start_etcd()
-            started_a = self.start_agent("A")
-            try:
-                self.wait_for_step(world=1, after=started_a)
-            except Hang as exc:
-                raise Failed(f"agent A alone never trained at world=1: {exc}") from None
-
-            started_b = self.start_agent("B")
-            results[scenario] = Outcome(seconds=self.wait_for_step(world=2, after=started_b) - started_b)
-
-            scenario = "scale-down"
-            time.sleep(SETTLE_AT_WORLD_2_S)
-            self.log.poll()
-            if self.log.last_world() != 2:
-                raise Failed(f"world did not stay at 2 before the kill (last step: world={self.log.last_world()})")
-            killed = time.time()
-            kill_tree(self.agents.pop("B"))
-            results[scenario] = Outcome(seconds=self.wait_for_step(world=1, after=killed) - killed)
-        except Hang as exc:
-            results[scenario] = Outcome(hang=str(exc))
-        except Failed as exc:
-            results[scenario] = Outcome(failure=str(exc))
-        for later in SCENARIOS:
-            results.setdefault(later, Outcome(not_run=f"{scenario} gave no result"))
-        return results
+            grown = self.scale_up()
+        except NoResult as exc:
+            grown = exc.outcome()
+        note = ""
+        try:
+            if grown.seconds is None:
+                note = "from A and B started together, as scale-up gave no world=2"
+                self.start_pair()
+            shrunk = self.scale_down(note)
+        except NoResult as exc:
+            shrunk = exc.outcome(note)
+        return {"scale-up": grown, "scale-down": shrunk}
 
 
-def median(outcomes: list[Outcome], timeout: float) -> str:
-    measured = [o for o in outcomes if not o.not_run]
-    if not measured:
-        return "n/a (not run)"
-    value = statistics.median(o.sort_key() for o in measured)
-    return f"> {timeout:g} s (no result)" if math.isinf(value) else f"{value:.2f} s"
+@dataclass(frozen=True)
+class Median:
+    """The median of one launcher's repetitions; when it falls on a hang or failure, a lower bound."""
+
+    seconds: float
+    is_lower_bound: bool
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome]) -> "Median":
+        value = statistics.median(o.sort_key() for o in outcomes)
+        if not math.isinf(value):
+            return cls(value, is_lower_bound=False)
+        # Every result past the median is a hang/failure; the shortest wait among them is a safe lower bound.
+        return cls(min(o.waited for o in outcomes if o.seconds is None), is_lower_bound=True)
+
+    def __str__(self) -> str:
+        if self.is_lower_bound:
+            return f"no result (gave up after >= {self.seconds:.0f} s)"
+        return f"{self.seconds:.2f} s"
 
 
-def ratio(results: dict[str, list[Outcome]], timeout: float) -> str:
-    values = {}
-    for name in ("ours", "torchrun"):
-        measured = [o.sort_key() for o in results[name] if not o.not_run]
-        if not measured:
-            return "n/a (not run)"
-        values[name] = statistics.median(measured)
-    ours, torchrun = values["ours"], values["torchrun"]
-    if math.isinf(ours) and math.isinf(torchrun):
-        return "n/a (neither gave a result)"
-    if math.isinf(torchrun):
-        return f"> {timeout / ours:.1f}x (torchrun gave no result; {timeout:g} s used as its lower bound)"
-    if math.isinf(ours):
-        return f"< {torchrun / timeout:.2f}x (ours gave no result; {timeout:g} s used as its lower bound)"
-    return f"{torchrun / ours:.2f}x"
+def ratio(ours: Median, torchrun: Median) -> str:
+    if not ours.is_lower_bound and not torchrun.is_lower_bound:
+        return f"{torchrun.seconds / ours.seconds:.2f}x"
+    if not ours.is_lower_bound and torchrun.seconds > 0:
+        return (f"> {torchrun.seconds / ours.seconds:.1f}x "
+                f"(torchrun gave no result; its {torchrun.seconds:.0f} s wait taken as a lower bound)")
+    if not torchrun.is_lower_bound and ours.seconds > 0:
+        return (f"< {torchrun.seconds / ours.seconds:.2f}x "
+                f"(ours gave no result; its {ours.seconds:.0f} s wait taken as a lower bound)")
+    return "n/a (no result to compare)"
 
 
 def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float) -> None:
@@ -305,17 +358,18 @@ def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: flo
     summary = []
     for scenario, title in SCENARIOS.items():
         by_launcher = {name: [rep[scenario] for rep in results[name]] for name in launchers}
+        medians = {name: Median.of(by_launcher[name]) for name in launchers}
         print(f"\n{title}")
         print(f"{'rep':<8}{'launcher':<10}result")
         for rep in range(reps):
             for name in launchers:
                 print(f"{rep + 1:<8}{name:<10}{by_launcher[name][rep]}")
         for name in launchers:
-            print(f"{'median':<8}{name:<10}{median(by_launcher[name], timeout)}")
-        figures = ", ".join(f"{name} {median(by_launcher[name], timeout)}" for name in launchers)
+            print(f"{'median':<8}{name:<10}{medians[name]}")
+        figures = ", ".join(f"{name} {medians[name]}" for name in launchers)
         if len(launchers) == 2:
-            print(f"ratio torchrun/ours: {ratio(by_launcher, timeout)}")
-            figures += f", torchrun/ours {ratio(by_launcher, timeout)}"
+            print(f"ratio torchrun/ours: {ratio(medians['ours'], medians['torchrun'])}")
+            figures += f", torchrun/ours {ratio(medians['ours'], medians['torchrun'])}"
         summary.append(f"{scenario}: {figures}")
     print(f"\nSUMMARY ({machine}, median of {reps} reps) " + "; ".join(summary))
 

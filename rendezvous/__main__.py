@@ -30,7 +30,7 @@ def _listen_address(text: str) -> Tuple[str, int]:
     try:
         return parse_endpoint(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--listen: {exc}") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,7 +94,7 @@ def connect(endpoint: str, timeout: float = 5.0):
         remaining = deadline - _clock()
         client = pyetcd.client(host=host, port=port, timeout=timeout, grpc_options=_GRPC_OPTIONS)
         try:
-            reason, cause = _check(client, rpc_timeout=max(0.05, min(timeout, remaining)))
+            reason, cause = _check(client, max(0.05, min(timeout, remaining)), timeout)
         except BaseException:
             client.close()
             raise
@@ -119,13 +119,13 @@ def wait_for_etcd(endpoint: str, timeout: float) -> None:
     connect(endpoint, timeout=timeout).close()
 
 
-def _check(client, rpc_timeout: float) -> Tuple[Optional[str], Optional[BaseException]]:
+def _check(client, rpc_timeout: float, patience: float) -> Tuple[Optional[str], Optional[BaseException]]:
     """One status() call bounded by rpc_timeout: (None, None) if usable, else (reason, error)."""
     call_timeout, client.timeout = client.timeout, rpc_timeout
     try:
         status = client.status()
     except (pyetcd.exceptions.Etcd3Exception, grpc.RpcError, ValueError) as exc:
-        return _describe(exc, rpc_timeout), exc
+        return _describe(exc, patience), exc
     finally:
         client.timeout = call_timeout
     if status.leader is None:
@@ -133,18 +133,18 @@ def _check(client, rpc_timeout: float) -> Tuple[Optional[str], Optional[BaseExce
     return None, None
 
 
-def _describe(exc: BaseException, rpc_timeout: float) -> str:
+def _describe(exc: BaseException, patience: float) -> str:
     rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
     if not isinstance(rpc, grpc.RpcError) or not hasattr(rpc, "code"):
         return str(exc) or type(exc).__name__
     code, details = rpc.code(), rpc.details() or ""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"no answer within {rpc_timeout:.1f}s; is it etcd?"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "timed out" in details:
+        return f"no answer within {patience:g}s; is it etcd?"
     if "Connection refused" in details:
         return "connection refused"
     if "HTTP/2" in details or code == grpc.StatusCode.UNIMPLEMENTED:
         return "what answered is not etcd"
-    if "DNS resolution failed" in details:
+    if "DNS resolution failed" in details or "errors resolving" in details:
         return "cannot resolve the host name"
     return f"{code.name}: {details.splitlines()[0][:120] if details else 'no details'}"
 

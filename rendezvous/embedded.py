@@ -19,6 +19,8 @@ import tempfile
 import time
 from typing import List, Optional
 
+import psutil
+
 from rendezvous.api import RendezvousConnectionError, RendezvousError
 from rendezvous.connect import connect, format_endpoint
 
@@ -47,7 +49,7 @@ _clock = time.monotonic
 
 
 class EmbeddedEtcd:
-    """Starts etcd on a loopback address with its own data dir; removes what it created when stopped.
+    """Starts etcd on host (loopback by default) with its own data dir; removes what it created when stopped.
 
     port 0 picks free client and peer ports. data_dir None uses a fresh temporary directory that
     stop() removes; a given data_dir is created if missing and always kept, so a restart on it
@@ -120,11 +122,11 @@ class EmbeddedEtcd:
 
     def _start_with_retries(self, binary: str, timeout: float) -> str:
         deadline = _clock() + timeout
-        for attempt in range(PORT_RETRIES):
+        for _ in range(PORT_RETRIES):
             client_port = self.port or _free_port(self.host)
             peer_port = _free_port("127.0.0.1")
             self._proc = _spawn(self._command(binary, client_port, peer_port), self._log_path)
-            busy_port = self._wait_ready(client_port, peer_port, deadline)
+            busy_port = self._wait_ready(client_port, deadline)
             if busy_port is None:
                 self.endpoint = format_endpoint(_advertised_host(self.host), client_port)
                 return self.endpoint
@@ -136,10 +138,9 @@ class EmbeddedEtcd:
             f"cannot start etcd: the free ports it was given were taken {PORT_RETRIES} times in a row"
         )
 
-    def _wait_ready(self, client_port: int, peer_port: int, deadline: float) -> Optional[int]:
+    def _wait_ready(self, client_port: int, deadline: float) -> Optional[int]:
         """None once our etcd answers; the port it could not bind if it exited for that reason."""
         probe = format_endpoint(_probe_host(self.host), client_port)
-        peer_url = _url("127.0.0.1", peer_port)
         while True:
             code = self._proc.poll()
             if code is not None:
@@ -154,17 +155,13 @@ class EmbeddedEtcd:
                     f"etcd on {probe} did not become ready; last lines of its log:\n{self.log_excerpt()}"
                 )
             try:
-                client = connect(probe, timeout=min(START_POLL_SECONDS, remaining))
+                connect(probe, timeout=min(START_POLL_SECONDS, remaining)).close()
             except RendezvousConnectionError:
                 continue
-            try:
-                # Another etcd may have grabbed the port we picked; ours names our peer URL.
-                if peer_url in (client.status().leader.peer_urls or []) and self._proc.poll() is None:
-                    return None
-            except Exception:  # the server that answered went away mid-check: keep polling
-                pass
-            finally:
-                client.close()
+            # Another etcd may have taken the port we picked; only ours counts.
+            if _listens_on(self._proc.pid, client_port):
+                return None
+            time.sleep(START_POLL_SECONDS)
 
     def _command(self, binary: str, client_port: int, peer_port: int) -> List[str]:
         client_url = _url(self.host, client_port)
@@ -255,6 +252,18 @@ def _terminate(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process pid holds the listening socket on port (True when we may not look)."""
+    try:
+        process = psutil.Process(pid)
+        sockets = (getattr(process, "net_connections", None) or process.connections)(kind="tcp")
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
+    return any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets)
 
 
 def _url(host: str, port: int) -> str:

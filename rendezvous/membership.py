@@ -51,7 +51,6 @@ class Membership:
         self._stop = threading.Event()
         self._keepalive: Optional[threading.Thread] = None
         self.spec: dict = {}
-        self.lease_lost = threading.Event()
 
     # -- joining and leaving -------------------------------------------------------------
     def join(self) -> None:
@@ -89,7 +88,6 @@ class Membership:
                     # Our lease expired (we were paused or cut off) and the others removed us.
                     # Register again: we come back as a newcomer.
                     log.warning("node %s lost its lease; registering again", self.node_id)
-                    self.lease_lost.set()
                     self._register()
             except RendezvousConnectionError as exc:
                 log.warning("lease keep-alive failed: %s", exc)

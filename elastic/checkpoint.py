@@ -1,0 +1,268 @@
+"""Checkpoint files: atomic writes, verified reads, model fingerprints, writes off the training thread.
+
+A checkpoint file is a torch.save payload framed so that a reader can tell a complete file made
+for this model from anything else:
+
+    header   magic "ELCKPT\\x00\\x01" | format version u32 | fingerprint length u32 |
+             payload length u64 | SHA-256 of (fingerprint + payload) | fingerprint (utf-8)
+    payload  torch.save bytes
+    trailer  magic "ELCKEND\\x00"
+
+It is written to a temporary file in the target's directory, fsynced and renamed over the target,
+so a reader sees the old file or the new one, never a part; a failed write leaves the old one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+import struct
+import tempfile
+import threading
+from contextlib import suppress
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+MAGIC = b"ELCKPT\x00\x01"
+TRAILER = b"ELCKEND\x00"
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<8sIIQ32s")  # magic, version, fingerprint length, payload length, digest
+READ_CHUNK = 16 << 20  # bytes per read while hashing; large enough that hashing runs at memory speed
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointCorrupted(CheckpointError):
+    """The file is truncated, altered or not a checkpoint: it cannot be used."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The file is intact but was written for another model."""
+
+
+def model_fingerprint(model_or_state_dict: Union[nn.Module, Mapping[str, Any]]) -> str:
+    """A short hash of the names, shapes and dtypes (not values) of a model's state."""
+    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+             else model_or_state_dict)
+    lines = []
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, torch.Tensor):
+            lines.append(f"{name}:{tuple(value.shape)}:{value.dtype}")
+        else:
+            lines.append(f"{name}:{type(value).__name__}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+class _HashingWriter:
+    """What torch.save writes to: forwards to the file and hashes on the way (one pass)."""
+
+    def __init__(self, file: io.BufferedWriter, digest: "hashlib._Hash") -> None:
+        self._file, self._digest, self.written = file, digest, 0
+
+    def write(self, data: Any) -> int:
+        self._digest.update(data)
+        self.written += self._file.write(data)
+        return len(memoryview(data))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [start, start+length) of a file, for torch.load."""
+
+    def __init__(self, file: io.BufferedReader, start: int, length: int) -> None:
+        super().__init__()
+        self._file, self._start, self._length, self._pos = file, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(memoryview(buffer)), self._length - self._pos)
+        if want <= 0:
+            return 0
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer).cast("B")[:want])
+        self._pos += got
+        return got
+
+
+def save_checkpoint(path: str, state: dict, *, fingerprint: str) -> None:
+    """Write `state` to `path` atomically, framed with its length, hash and model fingerprint.
+
+    Raises:
+        OSError, or whatever torch.save raises; the previous file at `path` is then untouched
+        and the temporary file removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fp = fingerprint.encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            # Room for the header; its length and hash are known only after the payload.
+            file.write(bytes(_FIXED.size + len(fp)))
+            digest = hashlib.sha256(fp)
+            writer = _HashingWriter(file, digest)
+            torch.save(state, writer)
+            file.write(TRAILER)
+            file.seek(0)
+            file.write(_FIXED.pack(MAGIC, FORMAT_VERSION, len(fp), writer.written,
+                                   digest.digest()) + fp)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself must reach the disk, or a crash could bring back the old entry.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_location: Any = "cpu",
+                    weights_only: bool = True) -> dict:
+    """Read a checkpoint written by save_checkpoint, after checking its length and hash.
+
+    `weights_only` is passed to torch.load: the hash proves the file is intact, not that it
+    comes from someone you trust, so arbitrary pickles stay off unless asked for.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointCorrupted: truncated, altered, or not a checkpoint.
+        CheckpointMismatch: `fingerprint` is given and differs from the file's.
+        CheckpointError: written by another format version.
+    """
+    path = os.fspath(path)
+    advice = "it cannot be used — restore an older one or start fresh"
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        fixed = file.read(_FIXED.size)
+        if len(fixed) < _FIXED.size:
+            raise CheckpointCorrupted(f"checkpoint {path} is truncated (found {size} bytes, fewer "
+                                      f"than its {_FIXED.size}-byte header); {advice}")
+        magic, version, fp_len, payload_len, digest = _FIXED.unpack(fixed)
+        if magic != MAGIC:
+            raise CheckpointCorrupted(f"{path} is not a checkpoint written by elastic (its first "
+                                      f"bytes are {magic!r}); {advice}")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has format version {version}; this version "
+                                  f"of elastic reads version {FORMAT_VERSION}")
+        expected = _FIXED.size + fp_len + payload_len + len(TRAILER)
+        if size < expected:
+            raise CheckpointCorrupted(f"checkpoint {path} is truncated (expected {expected} bytes, "
+                                      f"found {size}); {advice}")
+        if size > expected:
+            raise CheckpointCorrupted(f"checkpoint {path} is corrupted (expected {expected} bytes, "
+                                      f"found {size}); {advice}")
+        fp = file.read(fp_len)
+        actual = hashlib.sha256(fp)
+        left = payload_len
+        while left:
+            chunk = file.read(min(READ_CHUNK, left))
+            actual.update(chunk)
+            left -= len(chunk)
+        if file.read() != TRAILER or actual.digest() != digest:
+            raise CheckpointCorrupted(f"checkpoint {path} is corrupted (its SHA-256 does not match "
+                                      f"the one recorded when it was written); {advice}")
+        saved_for = fp.decode(errors="replace")
+        if fingerprint is not None and saved_for != fingerprint:
+            raise CheckpointMismatch(
+                f"checkpoint {path} was written for another model (fingerprint {saved_for}, this "
+                f"model's is {fingerprint}: parameter names, shapes or dtypes differ); load it "
+                "into the model it was saved from, or start fresh")
+        payload = io.BufferedReader(_Window(file, _FIXED.size + fp_len, payload_len), READ_CHUNK)
+        return torch.load(payload, map_location=map_location, weights_only=weights_only)
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class AsyncCheckpointer:
+    """Writes checkpoints on a background thread, one at a time.
+
+    `save()` copies the state's tensors to host memory on the caller's thread (so training may
+    change them right away) and returns while a thread writes the copy. A save while a write is
+    in flight *waits* for that write first rather than superseding it: every requested
+    checkpoint lands, memory holds at most one extra copy, and a disk slower than the save
+    rate slows training down instead of silently dropping checkpoints. A failed write is raised,
+    as CheckpointError, by the next `save()` or `wait()`.
+    """
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._failure: Optional[tuple[str, BaseException]] = None
+        self._closed = False
+
+    def save(self, path: str, state: dict, *, fingerprint: str) -> None:
+        """Snapshot `state` now and write it to `path` in the background."""
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed")
+        self.wait()
+        snapshot = cpu_snapshot(state)
+        self._thread = threading.Thread(
+            target=self._write, args=(os.fspath(path), snapshot, fingerprint),
+            name="elastic-checkpoint", daemon=False)  # not daemon: exit waits for the write
+        self._thread.start()
+
+    def _write(self, path: str, snapshot: dict, fingerprint: str) -> None:
+        try:
+            save_checkpoint(path, snapshot, fingerprint=fingerprint)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._failure = (path, exc)
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write in flight, if any, has finished; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            path, exc = self._failure
+            self._failure = None
+            raise CheckpointError(f"asynchronous save of checkpoint {path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Wait for the last write (raising its error) and refuse further saves."""
+        self._closed = True
+        self.wait()
+
+    def __enter__(self) -> "AsyncCheckpointer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
