@@ -287,11 +287,29 @@ class Run:
         self.agents.clear()
         self.new_job("pair")
         started = self.start_agent("A")
+        if self.launcher == "torchrun":
+            self.wait_until_a_hosts_store()
         self.start_agent("B")
         try:
             self.wait_for_step(world=2, after=started)
         except NoResult as exc:
             raise Failed(f"A and B started together never trained at world=2: {exc}", exc.waited) from None
+
+    def wait_until_a_hosts_store(self) -> None:
+        """Both torchrun agents try to host the c10d store; B must not win, or killing B kills the job."""
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        began = time.monotonic()
+        while time.monotonic() < began + self.timeout:
+            if self.agents["A"].poll() is not None:
+                raise Failed(f"agent A exited with code {self.agents['A'].returncode} before hosting the store")
+            try:
+                sockets = psutil.Process(self.agents["A"].pid).net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                sockets = []
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets):
+                return
+            time.sleep(POLL_S)
+        raise Failed(f"agent A did not listen on {self.endpoint} within {self.timeout:g} s")
 
     def scale_down(self, note: str) -> Outcome:
         time.sleep(SETTLE_AT_WORLD_2_S)
@@ -320,35 +338,34 @@ class Run:
 
 @dataclass(frozen=True)
 class Median:
-    """The median of one launcher's repetitions; when it falls on a hang or failure, a lower bound."""
+    """The median of one launcher's repetitions. When it falls on a hang or failure there is no figure,
+    only, if some runs hung, a lower bound: the shortest of those waits."""
 
-    seconds: float
-    is_lower_bound: bool
+    seconds: float | None
+    lower_bound: float | None = None
 
     @classmethod
     def of(cls, outcomes: list[Outcome]) -> "Median":
         value = statistics.median(o.sort_key() for o in outcomes)
         if not math.isinf(value):
-            return cls(value, is_lower_bound=False)
-        # Every result past the median is a hang/failure; the shortest wait among them is a safe lower bound.
-        return cls(min(o.waited for o in outcomes if o.seconds is None), is_lower_bound=True)
+            return cls(value)
+        hangs = [o.waited for o in outcomes if o.kind == "hang"]
+        return cls(None, min(hangs) if hangs else None)
 
     def __str__(self) -> str:
-        if self.is_lower_bound:
-            return f"no result (gave up after >= {self.seconds:.0f} s)"
-        return f"{self.seconds:.2f} s"
+        if self.seconds is not None:
+            return f"{self.seconds:.2f} s"
+        return f"no result (hang, >= {self.lower_bound:.0f} s)" if self.lower_bound else "no result (failed)"
 
 
 def ratio(ours: Median, torchrun: Median) -> str:
-    if not ours.is_lower_bound and not torchrun.is_lower_bound:
+    if ours.seconds is not None and torchrun.seconds is not None:
         return f"{torchrun.seconds / ours.seconds:.2f}x"
-    if not ours.is_lower_bound and torchrun.seconds > 0:
-        return (f"> {torchrun.seconds / ours.seconds:.1f}x "
-                f"(torchrun gave no result; its {torchrun.seconds:.0f} s wait taken as a lower bound)")
-    if not torchrun.is_lower_bound and ours.seconds > 0:
-        return (f"< {torchrun.seconds / ours.seconds:.2f}x "
-                f"(ours gave no result; its {ours.seconds:.0f} s wait taken as a lower bound)")
-    return "n/a (no result to compare)"
+    if ours.seconds is not None and torchrun.lower_bound:
+        return f"> {torchrun.lower_bound / ours.seconds:.1f}x (torchrun hung; its {torchrun.lower_bound:.0f} s wait used)"
+    if torchrun.seconds is not None and ours.lower_bound:
+        return f"< {torchrun.seconds / ours.lower_bound:.2f}x (ours hung; its {ours.lower_bound:.0f} s wait used)"
+    return "n/a (no figure to compare)"
 
 
 def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float) -> None:

@@ -194,7 +194,8 @@ def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_locatio
                 f"checkpoint {path} was written for another model (fingerprint {saved_for}, this "
                 f"model's is {fingerprint}: parameter names, shapes or dtypes differ); load it "
                 "into the model it was saved from, or start fresh")
-        payload = io.BufferedReader(_Window(file, _FIXED.size + fp_len, payload_len), READ_CHUNK)
+        # Unbuffered: torch reads whole records, an extra buffer would only add a copy.
+        payload = _Window(file, _FIXED.size + fp_len, payload_len)
         return torch.load(payload, map_location=map_location, weights_only=weights_only)
 
 

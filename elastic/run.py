@@ -45,6 +45,7 @@ class RunConfig:
     master_port: Optional[int]
     grace_period: float
     argv: Tuple[str, ...]
+    batch_policy: object = None  # elastic.policy.BatchPolicy
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -123,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the rank-0 store when this node holds rank 0 (default: a free one)")
     p.add_argument("--grace-period", type=float, default=5.0,
                    help="seconds workers get after SIGTERM before they are killed (default 5)")
+    p.add_argument("--batch-policy", choices=["fixed", "linear", "sqrt", "adascale"], default=None,
+                   help="how the global batch and learning rate follow the world size: fixed "
+                        "(constant global batch via micro-batches and accumulation; the default "
+                        "with --global-batch-size), linear or sqrt (per-worker batch fixed, "
+                        "learning rate scaled by the world or its square root), adascale "
+                        "(learning rate scaled by the measured gain). The plan for each world "
+                        "reaches the workers as ELASTIC_* variables")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all workers")
+    p.add_argument("--per-worker-batch-size", type=int, default=None,
+                   help="samples per worker per step (linear, sqrt, adascale)")
+    p.add_argument("--reference-world-size", type=int, default=None,
+                   help="world size the base learning rate was tuned for (default: the smallest "
+                        "world, MIN nodes x --nproc-per-node)")
+    p.add_argument("--max-micro-batch", type=int, default=None,
+                   help="largest batch a worker processes at once; larger shares are split into "
+                        "gradient-accumulation steps")
+    p.add_argument("--lr-warmup-steps", type=int, default=0,
+                   help="steps over which the learning-rate factor ramps after each change")
     p.add_argument("-m", "--module", action="store_true",
                    help="run the script as a Python module, as python -m does")
     p.add_argument("--no-python", "--no_python", action="store_true",
@@ -172,12 +192,35 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     if args.master_port is not None and not 0 < args.master_port < 65536:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
     return RunConfig(
+        batch_policy=_batch_policy(args, low, high),
         min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
         run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         log_dir=args.log_dir, local_addr=args.local_addr, master_port=args.master_port,
         grace_period=args.grace_period, argv=_worker_argv(args),
     )
+
+
+def _batch_policy(args, min_nodes: int, max_nodes: int):
+    """The policy named on the command line, checked against every world this node can be in."""
+    from elastic.policy import BatchPolicyError, make_policy
+
+    name = args.batch_policy
+    if name is None:
+        if args.global_batch_size is None and args.per_worker_batch_size is None:
+            return None
+        name = "fixed" if args.global_batch_size is not None else "linear"
+    smallest = min_nodes * args.nproc_per_node
+    try:
+        policy = make_policy(
+            name, global_batch=args.global_batch_size, per_worker_batch=args.per_worker_batch_size,
+            reference_world=args.reference_world_size or smallest,
+            max_micro_batch=args.max_micro_batch, warmup_steps=args.lr_warmup_steps)
+        for world in range(smallest, max_nodes * args.nproc_per_node + 1, args.nproc_per_node):
+            policy.plan(world)
+    except BatchPolicyError as exc:
+        raise UsageError(str(exc)) from None
+    return policy
 
 
 def local_address(endpoint_host: str) -> str:
@@ -234,7 +277,8 @@ def run(config: RunConfig) -> int:
                           grace_period_s=config.grace_period)
         agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
                                          monitor_interval=config.monitor_interval,
-                                         master_port=config.master_port),
+                                         master_port=config.master_port,
+                                         batch_policy=config.batch_policy),
                              store, events_path=events)
         return agent.run()
     finally:

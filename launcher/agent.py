@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from elastic.policy import BatchPolicy, BatchPolicyError
 from rendezvous.api import JobOutcome, RendezvousConnectionError, RendezvousSettings, Round
 from rendezvous.decision import FailureReport
 from rendezvous.membership import Membership, new_node_id
@@ -40,6 +41,7 @@ class AgentConfig:
     monitor_interval: float = 0.1
     probe_interval: float = PROBE_INTERVAL_S
     master_port: Optional[int] = None  # rank-0 store port when this node holds rank 0
+    batch_policy: Optional[BatchPolicy] = None  # its plan for each round goes to the workers' env
 
 
 def free_port(host: str) -> int:
@@ -136,11 +138,20 @@ class ElasticAgent:
             master = f"{self.config.host}:{port}"
             self.membership.publish_master(rnd.number, master)
         addr, _, port = master.rpartition(":")
+        try:
+            policy = self.config.batch_policy
+            plan_env = policy.plan(rnd.world_size).to_env() if policy else {}
+        except BatchPolicyError as exc:
+            self.membership.finish(JobOutcome(status="failed", node_id=self.node_id, exit_code=1,
+                                              reason=f"world of {rnd.world_size}: {exc}"))
+            self._pending = None
+            return
         self.workers.start(WorldAssignment(
             run_id=self.config.settings.run_id, round=rnd.number, group_rank=group_rank,
             group_world_size=len(rnd.members), rank_offset=rnd.rank_offset(self.node_id),
             world_size=rnd.world_size, master_addr=addr, master_port=int(port),
             restart_count=rnd.restart_count, max_restarts=self.config.settings.max_restarts,
+            env=plan_env,
         ))
         self._pending = None
         first = self._seen_rounds == 0

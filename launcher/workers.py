@@ -73,6 +73,7 @@ class WorldAssignment:
     master_port: int
     restart_count: int
     max_restarts: int
+    env: Mapping[str, str] = field(default_factory=dict)  # round-specific, e.g. the batch plan
 
     def __post_init__(self) -> None:
         if not 0 <= self.group_rank < self.group_world_size:
@@ -118,9 +119,11 @@ class GroupState:
 def worker_env(
     base: Mapping[str, str], spec: WorkerSpec, assignment: WorldAssignment, local_rank: int
 ) -> dict[str, str]:
-    """One worker's environment: base (the agent's), then extra_env, then what torchrun sets."""
+    """One worker's environment: base (the agent's), then extra_env, then the round's env, then
+    what torchrun sets."""
     env = dict(base)
     env.update(spec.extra_env)
+    env.update(assignment.env)
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
     rank = assignment.rank_offset + local_rank
     a = assignment

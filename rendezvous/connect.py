@@ -77,7 +77,7 @@ def format_endpoint(host: str, port: int) -> str:
 
 
 def connect(endpoint: str, timeout: float = 5.0):
-    """A pyetcd client for `endpoint` whose status() has answered, with leader.
+    """A pyetcd client for `endpoint` whose status() has answered and named a leader.
 
     Attempts are repeated until `timeout` seconds have passed, so an etcd that is still
     starting is waited for; the returned client uses `timeout` as its per-call RPC timeout.

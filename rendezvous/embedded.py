@@ -96,7 +96,12 @@ class EmbeddedEtcd:
         if self._owns_data_dir:
             self.data_dir = self._temp_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
         else:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise RendezvousError(
+                    f"cannot use {self.data_dir} as etcd's data dir: {exc.strerror or exc}"
+                ) from exc
         try:
             return self._start_with_retries(binary, timeout)
         except BaseException:
