@@ -127,36 +127,16 @@ def last_error(log: Path) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-class StepLog:
-    """Reads STEP lines from every file under a run's directory, wherever the launcher put worker output."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.offsets: dict[Path, int] = {}
-        self.partial: dict[Path, bytes] = {}
-        self.steps: list[tuple[float, int]] = []  # (timestamp printed by rank 0, world size)
-
-    def poll(self) -> None:
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self.offsets.get(path, 0))
-                    chunk = f.read()
-            except OSError:
-                continue
-            self.offsets[path] = self.offsets.get(path, 0) + len(chunk)
-            *lines, self.partial[path] = (self.partial.get(path, b"") + chunk).split(b"\n")
-            for line in lines:
-                match = STEP_LINE.search(line.decode(errors="replace"))
-                if match:
-                    self.steps.append((float(match.group(1)), int(match.group(2))))
-
-    def first_step(self, world: int, after: float) -> float | None:
-        found = [ts for ts, w in self.steps if w == world and ts >= after]
-        return min(found) if found else None
-
-    def last_world(self) -> int | None:
-        return max(self.steps)[1] if self.steps else None
+def read_steps(root: Path) -> list[tuple[float, int]]:
+    """(timestamp, world size) of every STEP line in any file under root, wherever the launcher put it."""
+    steps = []
+    for path in root.rglob("*"):
+        try:
+            text = path.read_text(errors="replace") if path.is_file() else ""
+        except OSError:  # a launcher's temp file that went away
+            continue
+        steps += [(float(ts), int(world)) for ts, world in STEP_LINE.findall(text)]
+    return steps
 
 
 class Run:
@@ -165,7 +145,6 @@ class Run:
     def __init__(self, launcher: str, rep_dir: Path, timeout: float):
         self.launcher, self.dir, self.timeout = launcher, rep_dir, timeout
         self.dir.mkdir(parents=True)
-        self.log = StepLog(self.dir)
         self.agents: dict[str, subprocess.Popen] = {}
         self.etcd: subprocess.Popen | None = None
         self.etcd_data: Path | None = None
@@ -242,10 +221,9 @@ class Run:
         """Timestamp of the first STEP line at `world` printed at or after `after`."""
         began = time.monotonic()
         while time.monotonic() < began + self.timeout:
-            self.log.poll()
-            ts = self.log.first_step(world, after)
-            if ts is not None:
-                return ts
+            found = [ts for ts, w in read_steps(self.dir) if w == world and ts >= after]
+            if found:
+                return min(found)
             for name, agent in self.agents.items():
                 if agent.poll() is not None:
                     waited = time.monotonic() - began
@@ -313,9 +291,9 @@ class Run:
 
     def scale_down(self, note: str) -> Outcome:
         time.sleep(SETTLE_AT_WORLD_2_S)
-        self.log.poll()
-        if self.log.last_world() != 2:
-            raise Failed(f"world did not stay at 2 before the kill (last step: world={self.log.last_world()})")
+        last_world = max(read_steps(self.dir), default=(0, None))[1]
+        if last_world != 2:
+            raise Failed(f"world did not stay at 2 before the kill (last step: world={last_world})")
         killed = time.time()
         kill_tree(self.agents.pop("B"))
         return Outcome(seconds=self.wait_for_step(world=1, after=killed) - killed, detail=note)

@@ -1,12 +1,16 @@
-"""Checkpoint files: atomic writes, verified reads, model fingerprints, writes off the training thread.
+"""Checkpoint files: atomic writes, verified reads, model fingerprints, background writes.
 
 A checkpoint file is a torch.save payload framed so that a reader can tell a complete file made
 for this model from anything else:
 
     header   magic "ELCKPT\\x00\\x01" | format version u32 | fingerprint length u32 |
-             payload length u64 | SHA-256 of (fingerprint + payload) | fingerprint (utf-8)
+             payload length u64 | digest (32 bytes) | fingerprint (utf-8)
     payload  torch.save bytes
     trailer  magic "ELCKEND\\x00"
+
+    digest = SHA-256(fingerprint + SHA-256(piece 0) + SHA-256(piece 1) + ...), where the pieces
+    are the payload cut every 64 MiB: a hash list, so that a reader verifies the pieces on all
+    cores at once (SHA-256 runs at about 1.5 GB/s per core; a restart waits for it).
 
 It is written to a temporary file in the target's directory, fsynced and renamed over the target,
 so a reader sees the old file or the new one, never a part; a failed write leaves the old one.
@@ -18,9 +22,10 @@ import copy
 import hashlib
 import io
 import os
+import secrets
 import struct
-import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, Mapping, Optional, Union
 
@@ -31,7 +36,9 @@ MAGIC = b"ELCKPT\x00\x01"
 TRAILER = b"ELCKEND\x00"
 FORMAT_VERSION = 1
 _FIXED = struct.Struct("<8sIIQ32s")  # magic, version, fingerprint length, payload length, digest
-READ_CHUNK = 16 << 20  # bytes per read while hashing; large enough that hashing runs at memory speed
+PIECE = 64 << 20  # bytes per hashed piece of the payload; part of the format
+# Threads verifying pieces on load: 8 hash at ~12 GB/s and hold at most 8 pieces in memory.
+HASH_THREADS = 8
 
 
 class CheckpointError(RuntimeError):
@@ -60,19 +67,38 @@ def model_fingerprint(model_or_state_dict: Union[nn.Module, Mapping[str, Any]]) 
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-class _HashingWriter:
-    """What torch.save writes to: forwards to the file and hashes on the way (one pass)."""
+class _CountingWriter:
+    """What torch.save writes to: the file, counting bytes (torch may not seek or tell)."""
 
-    def __init__(self, file: io.BufferedWriter, digest: "hashlib._Hash") -> None:
-        self._file, self._digest, self.written = file, digest, 0
+    def __init__(self, file: io.BufferedWriter) -> None:
+        self._file, self.written = file, 0
 
     def write(self, data: Any) -> int:
-        self._digest.update(data)
-        self.written += self._file.write(data)
-        return len(memoryview(data))
+        count = self._file.write(data)
+        self.written += count
+        return count
 
     def flush(self) -> None:
         self._file.flush()
+
+
+def _payload_digest(fd: int, start: int, length: int, fingerprint: bytes) -> bytes:
+    """The digest of a payload on disk, its pieces read and hashed on several cores."""
+    buffers = threading.local()
+
+    def piece(offset: int) -> bytes:
+        # One reused buffer per thread: a fresh 64 MiB allocation per piece costs page faults.
+        if not hasattr(buffers, "data"):
+            buffers.data = bytearray(PIECE)
+        got = os.preadv(fd, [memoryview(buffers.data)[:min(PIECE, length - offset)]],
+                        start + offset)
+        # preadv and sha256 release the GIL, so the threads really run in parallel.
+        return hashlib.sha256(memoryview(buffers.data)[:got]).digest()
+
+    offsets = range(0, length, PIECE)
+    threads = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(offsets)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return hashlib.sha256(fingerprint + b"".join(pool.map(piece, offsets))).digest()
 
 
 class _Window(io.RawIOBase):
@@ -97,11 +123,12 @@ class _Window(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        want = min(len(memoryview(buffer)), self._length - self._pos)
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._length - self._pos)
         if want <= 0:
             return 0
         self._file.seek(self._start + self._pos)
-        got = self._file.readinto(memoryview(buffer).cast("B")[:want])
+        got = self._file.readinto(view[:want])
         self._pos += got
         return got
 
@@ -116,18 +143,21 @@ def save_checkpoint(path: str, state: dict, *, fingerprint: str) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fp = fingerprint.encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # Not mkstemp: its files are private (0600); a checkpoint gets the umask's usual mode.
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # read back to hash
     try:
         with os.fdopen(fd, "wb") as file:
             # Room for the header; its length and hash are known only after the payload.
             file.write(bytes(_FIXED.size + len(fp)))
-            digest = hashlib.sha256(fp)
-            writer = _HashingWriter(file, digest)
+            writer = _CountingWriter(file)
             torch.save(state, writer)
             file.write(TRAILER)
+            file.flush()
+            # Hashed back from the page cache on several cores, rather than inline on one.
+            digest = _payload_digest(file.fileno(), _FIXED.size + len(fp), writer.written, fp)
             file.seek(0)
-            file.write(_FIXED.pack(MAGIC, FORMAT_VERSION, len(fp), writer.written,
-                                   digest.digest()) + fp)
+            file.write(_FIXED.pack(MAGIC, FORMAT_VERSION, len(fp), writer.written, digest) + fp)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -179,13 +209,11 @@ def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_locatio
             raise CheckpointCorrupted(f"checkpoint {path} is corrupted (expected {expected} bytes, "
                                       f"found {size}); {advice}")
         fp = file.read(fp_len)
-        actual = hashlib.sha256(fp)
-        left = payload_len
-        while left:
-            chunk = file.read(min(READ_CHUNK, left))
-            actual.update(chunk)
-            left -= len(chunk)
-        if file.read() != TRAILER or actual.digest() != digest:
+        start = _FIXED.size + fp_len
+        # Verified before torch.load: damaged bytes are never unpickled.
+        actual = _payload_digest(file.fileno(), start, payload_len, fp)
+        file.seek(start + payload_len)
+        if file.read() != TRAILER or actual != digest:
             raise CheckpointCorrupted(f"checkpoint {path} is corrupted (its SHA-256 does not match "
                                       f"the one recorded when it was written); {advice}")
         saved_for = fp.decode(errors="replace")
@@ -195,18 +223,18 @@ def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_locatio
                 f"model's is {fingerprint}: parameter names, shapes or dtypes differ); load it "
                 "into the model it was saved from, or start fresh")
         # Unbuffered: torch reads whole records, an extra buffer would only add a copy.
-        payload = _Window(file, _FIXED.size + fp_len, payload_len)
+        payload = _Window(file, start, payload_len)
         return torch.load(payload, map_location=map_location, weights_only=weights_only)
 
 
-def cpu_snapshot(obj: Any) -> Any:
+def _cpu_snapshot(obj: Any) -> Any:
     """A copy of nested dicts/lists/tuples with every tensor copied to host memory."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: cpu_snapshot(v) for k, v in obj.items()}
+        return {k: _cpu_snapshot(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_snapshot(v) for v in obj)
+        return type(obj)(_cpu_snapshot(v) for v in obj)
     return copy.deepcopy(obj)
 
 
@@ -231,7 +259,7 @@ class AsyncCheckpointer:
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         self.wait()
-        snapshot = cpu_snapshot(state)
+        snapshot = _cpu_snapshot(state)
         self._thread = threading.Thread(
             target=self._write, args=(os.fspath(path), snapshot, fingerprint),
             name="elastic-checkpoint", daemon=False)  # not daemon: exit waits for the write
@@ -242,10 +270,6 @@ class AsyncCheckpointer:
             save_checkpoint(path, snapshot, fingerprint=fingerprint)
         except BaseException as exc:  # handed to the training thread by wait()
             self._failure = (path, exc)
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
         """Block until the write in flight, if any, has finished; raise its error."""

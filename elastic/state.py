@@ -7,14 +7,17 @@
     restore()  roll the live state back to the snapshot (after a failed step or collective)
     sync(src)  every rank takes rank src's snapshot (new workers receive it from a survivor)
     save/load  the snapshot to and from a verified, atomic checkpoint file
+    resume()   at worker start: rank 0 loads its checkpoint (if any), every rank syncs from it,
+               and the batch plan of this world is applied (callbacks fire when it changed)
 
-The snapshot is a plain nested dict {"model", "optimizer", "scheduler", "sampler", "fields"}
-whose tensors are contiguous CPU tensors; `state_dict()` returns it.
+The snapshot is a plain nested dict {"model", "optimizer", "scheduler", "sampler", "fields",
+"plan"} whose tensors are contiguous CPU tensors; `state_dict()` returns it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,11 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from elastic.checkpoint import (
-    AsyncCheckpointer, CheckpointMismatch, load_checkpoint, model_fingerprint, save_checkpoint,
+    AsyncCheckpointer, CheckpointError, CheckpointMismatch, load_checkpoint, model_fingerprint,
+    save_checkpoint,
 )
+from elastic.policy import BatchPlan
 from elastic.sampler import ElasticSampler
 
-PARTS = ("model", "optimizer", "scheduler", "sampler", "fields")
+PARTS = ("model", "optimizer", "scheduler", "sampler", "fields", "plan")
 # Small tensors are packed into buckets of this many bytes so that sync() costs a few broadcasts,
 # not one per tensor (Adam keeps three tensors per parameter).
 SYNC_BUCKET_BYTES = 32 << 20
@@ -103,18 +108,20 @@ class ElasticState:
     saved with the rest. Construction commits once, so there is always a state to restore.
     """
 
-    _OWN = ("model", "optimizer", "sampler", "scheduler")
+    _OWN = ("model", "optimizer", "sampler", "scheduler", "fingerprint", "plan")
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
                  sampler: Optional[ElasticSampler] = None, scheduler: Any = None,
-                 **user_fields: Any) -> None:
+                 plan: Optional[BatchPlan] = None, **user_fields: Any) -> None:
         for name in user_fields:
             if name.startswith("_") or name in self._OWN or hasattr(type(self), name):
                 raise ValueError(f"user field {name!r} collides with ElasticState's own names")
         object.__setattr__(self, "_fields", dict(user_fields))
         self.model, self.optimizer, self.sampler, self.scheduler = (
             model, optimizer, sampler, scheduler)
+        self.plan = plan  # the batch plan of the world this process runs in
         self.fingerprint = model_fingerprint(model)
+        self._plan_callbacks: list[Callable[[Optional[BatchPlan], BatchPlan], None]] = []
         self._committed: dict[str, Any] = {}
         self._checkpointer: Optional[AsyncCheckpointer] = None
         self.commit()
@@ -129,7 +136,7 @@ class ElasticState:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.__dict__.get("_fields", {}):
             self._fields[name] = value
-        elif name.startswith("_") or name in self._OWN or name == "fingerprint":
+        elif name.startswith("_") or name in self._OWN:
             object.__setattr__(self, name, value)
         else:
             # An undeclared field would silently escape commit/restore/sync/save.
@@ -152,6 +159,7 @@ class ElasticState:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "fields": self._fields,
+            "plan": self.plan.to_env() if self.plan is not None else None,
         }
 
     def commit(self) -> None:
@@ -260,3 +268,49 @@ class ElasticState:
             raise CheckpointMismatch(f"checkpoint {path} does not fit this training state: "
                                      f"{exc}") from exc
 
+    # -- joining a job -----------------------------------------------------------------------
+
+    def on_plan_change(self, callback: Callable[[Optional[BatchPlan], BatchPlan], None]) -> None:
+        """Call `callback(old_plan, new_plan)` when resume() brings the state into a world whose
+        batch plan differs from the one its restored state was committed under."""
+        self._plan_callbacks.append(callback)
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Bring a (re)started worker to the job's last committed state; True if there was one.
+
+        Rank 0 (always a survivor: ranks are stable) loads `path` if it exists, every rank then
+        takes rank 0's state with sync(), and the plan of the current world is applied to the
+        sampler. Collective when torch.distributed is initialised.
+
+        Raises:
+            CheckpointError: on every rank, when rank 0's checkpoint cannot be loaded.
+        """
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        verdict: list[Any] = [None]
+        if rank == 0 and path and os.path.exists(path):
+            try:
+                self.load(path)
+                verdict[0] = "loaded"
+            except CheckpointError as exc:
+                verdict[0] = exc
+        if distributed:
+            # Agree first: a rank-0 error raised alone would leave the others waiting in sync().
+            dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], CheckpointError):
+            raise verdict[0]
+        if distributed:
+            self.sync(0)
+        self._enter_plan(rank)
+        return verdict[0] == "loaded"
+
+    def _enter_plan(self, rank: int) -> None:
+        if self.plan is None:
+            return
+        previous = self._committed.get("plan")
+        old = BatchPlan.from_env(previous) if previous else None
+        if self.sampler is not None:
+            self.sampler.set_plan(self.plan, rank)
+        if old != self.plan:
+            for callback in self._plan_callbacks:
+                callback(old, self.plan)

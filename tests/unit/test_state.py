@@ -219,3 +219,21 @@ def test_save_checkpoint_replaces_atomically(tmp_path):
     save_checkpoint(path, {"v": 2}, fingerprint="m")
     assert load_checkpoint(path)["v"] == 2
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_payload_of_many_pieces_is_verified_piece_by_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "PIECE", 1000)  # a small model then spans many pieces
+    path = tmp_path / "ckpt.pt"
+    state = make_state()
+    train(state, 2)
+    state.commit()
+    state.save(path)
+    assert path.stat().st_size > 5 * 1000
+    fresh = make_state(seed=3)
+    fresh.load(path)
+    assert_same(snapshot(fresh), snapshot(state))
+    data = bytearray(path.read_bytes())
+    data[3 * 1000 + 500] ^= 0x01  # one bit in a middle piece
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupted, match="is corrupted"):
+        fresh.load(path)
