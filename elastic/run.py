@@ -46,6 +46,7 @@ class RunConfig:
     grace_period: float
     argv: Tuple[str, ...]
     batch_policy: object = None  # elastic.policy.BatchPolicy
+    rescale_mode: str = "auto"
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the rank-0 store when this node holds rank 0 (default: a free one)")
     p.add_argument("--grace-period", type=float, default=5.0,
                    help="seconds workers get after SIGTERM before they are killed (default 5)")
+    p.add_argument("--rescale-mode", choices=["auto", "restart", "in-place"], default="auto",
+                   help="how workers follow a new world: restart them (any script), or in place "
+                        "(scripts using integrations.torch.run: survivors keep running, joining "
+                        "nodes pre-warm their workers); auto (default) switches to in place once "
+                        "the workers use the API")
     p.add_argument("--batch-policy", choices=["fixed", "linear", "sqrt", "adascale"], default=None,
                    help="how the global batch and learning rate follow the world size: fixed "
                         "(constant global batch via micro-batches and accumulation; the default "
@@ -192,7 +198,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     if args.master_port is not None and not 0 < args.master_port < 65536:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
     return RunConfig(
-        batch_policy=_batch_policy(args, low, high),
+        batch_policy=_batch_policy(args, low, high), rescale_mode=args.rescale_mode,
         min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
         run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
@@ -278,7 +284,8 @@ def run(config: RunConfig) -> int:
         agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
                                          monitor_interval=config.monitor_interval,
                                          master_port=config.master_port,
-                                         batch_policy=config.batch_policy),
+                                         batch_policy=config.batch_policy,
+                                         rescale_mode=config.rescale_mode),
                              store, events_path=events)
         return agent.run()
     finally:

@@ -1,9 +1,14 @@
 """The per-node agent: follows the rounds in etcd and keeps this node's workers in the current world.
 
 One loop on the main thread (workers must be forked from a long-lived thread, see workers.py):
-read the job from etcd, lead if we are the leader, start or stop workers when the round changes,
-watch the workers, and leave on SIGINT/SIGTERM. A background thread probes the other agents'
-health endpoints so a dead node is removed long before its lease expires.
+read the job from etcd, lead if we are the leader, apply a new round to the workers, watch them,
+and leave on SIGINT/SIGTERM. A round is applied in one of two ways:
+
+- restart: stop the workers and start new ones with the new world's environment (any script);
+- in place: when all of this node's workers use the in-place API (`integrations.torch`), send
+  them the new world over the local control channel; they switch at a common step boundary and
+  no process restarts. A node joining a job that runs in place starts its workers in standby
+  first (pre-warmed: imported, model built) and registers only once they are ready.
 """
 from __future__ import annotations
 
@@ -13,17 +18,19 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from elastic.policy import BatchPolicy, BatchPolicyError
-from rendezvous.api import JobOutcome, RendezvousConnectionError, RendezvousSettings, Round
+from rendezvous.api import JobOutcome, RendezvousSettings, RendezvousTimeoutError, Round
 from rendezvous.decision import FailureReport
 from rendezvous.membership import Membership, new_node_id
 from rendezvous.store import EtcdStore, Snapshot
 
 from .events import EventLog
-from .health import ALIVE, DEAD, HealthServer, PeerWatch, probe
+from .health import HealthServer
+from .inplace import InPlaceWorkers
+from .peers import PeerMonitor
 from .workers import WorkerGroup, WorkerSpec, WorldAssignment
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 1.0
 # After another node reports success, our workers are in their last steps; give them this long.
 FINISH_GRACE_S = 60.0
+# Workers of the old world get this long to exit after SIGTERM before a restart kills them.
+RESTART_GRACE_S = 2.0
+RESCALE_MODES = ("auto", "restart", "in-place")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class AgentConfig:
     probe_interval: float = PROBE_INTERVAL_S
     master_port: Optional[int] = None  # rank-0 store port when this node holds rank 0
     batch_policy: Optional[BatchPolicy] = None  # its plan for each round goes to the workers' env
+    rescale_mode: str = "auto"  # auto: in place once the workers use the API, else restart
 
 
 def free_port(host: str) -> int:
@@ -56,37 +67,45 @@ class ElasticAgent:
         self.config = config
         self.store = store
         self.node_id = node_id or new_node_id()
+        self._wake = threading.Event()
         self._health = HealthServer(config.host, self.node_id)
         self.membership = Membership(
             store, config.settings, host=config.host, nproc=config.workers.nproc,
             health_addr=self._health.addr, node_id=self.node_id)
         self.events = EventLog(events_path, self.node_id)
-        self.workers = WorkerGroup(config.workers)
-        self._wake = threading.Event()
+        self.in_place = None
+        spec = config.workers
+        if config.rescale_mode != "restart":
+            self.in_place = InPlaceWorkers(spec.nproc, self._wake.set)
+            spec = replace(spec, extra_env={**spec.extra_env, **self.in_place.env})
+        self.workers = WorkerGroup(spec)
+        self.peers = PeerMonitor(self.membership, config.probe_interval, self._wake.set)
         self._signal: Optional[int] = None
-        self._round: Optional[Round] = None      # the round our workers belong to (or wait in)
-        self._pending: Optional[Round] = None    # a round we are a member of but not running yet
-        self._failed_round: Optional[int] = None
+        self._round: Optional[Round] = None      # the latest round this agent has applied
+        self._pending: Optional[Round] = None    # a round we are a member of, not yet applied
+        self._awaiting: Optional[Round] = None   # pushed in place; waiting for "running"
         self._seen_rounds = 0
-        self._last_snapshot: Optional[Snapshot] = None
-        self._peers = PeerWatch()
-        self._stop_probing = threading.Event()
 
     # -- entry point -----------------------------------------------------------------------
     def run(self) -> int:
         """Run until the job ends or we are told to stop; return the exit code for the agent."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        prober = threading.Thread(target=self._probe_loop, name="peer-probe", daemon=True)
         try:
+            if self._should_prewarm():
+                self._prewarm()
+            if self._signal is not None:
+                return 128 + self._signal
             self.membership.join()
             self.store.watch(self._wake.set)
-            prober.start()
+            self.peers.start()
             return self._loop()
         finally:
-            self._stop_probing.set()
+            self.peers.stop()
             self.workers.stop()
             self.membership.leave()
             self._health.close()
+            if self.in_place:
+                self.in_place.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -99,11 +118,12 @@ class ElasticAgent:
             if self._signal is not None:
                 return self._leave_on_signal(self._signal)
             snap, action, wake_at = self.membership.step()
-            self._last_snapshot = snap
+            self.peers.update(snap)
             if action is not None:
                 self._record_leader_action(action)
             if snap.outcome is not None:
                 return self._finish(snap.outcome)
+            self._handle_messages(snap)
             self._follow_round(snap)
             self._check_workers(snap)
             timeout = self.config.monitor_interval
@@ -112,7 +132,36 @@ class ElasticAgent:
             self._wake.wait(timeout)
             self._wake.clear()
 
+    # -- pre-warming ---------------------------------------------------------------------------
+    def _should_prewarm(self) -> bool:
+        mode = self.config.rescale_mode
+        return mode == "in-place" or (mode == "auto" and self.store.snapshot().in_place)
+
+    def _prewarm(self) -> None:
+        """Start the workers in standby and wait until they are ready for a world."""
+        self.workers.start(None)
+        deadline = time.time() + self.config.settings.join_timeout
+        while not self.in_place.all_ready() and self._signal is None:
+            self.in_place.drain(self.workers.pids)
+            state = self.workers.poll()
+            if state.status != "running":
+                reason = state.failure.describe() if state.failure else "exited before a round"
+                raise RendezvousTimeoutError(f"worker did not get ready in standby: {reason}")
+            if time.time() > deadline:
+                raise RendezvousTimeoutError(
+                    "workers were not ready in standby within join_timeout; do they call "
+                    "integrations.torch.run? (or pass --rescale-mode restart)")
+            self._wake.wait(self.config.monitor_interval)
+            self._wake.clear()
+        log.info("node %s: %d workers pre-warmed in standby", self.node_id,
+                 self.config.workers.nproc)
+
     # -- rounds ----------------------------------------------------------------------------
+    def _capable(self) -> bool:
+        return (self.in_place is not None and self.workers.running
+                and self.workers.poll().status == "running"
+                and self.in_place.capable(self.workers.pids))
+
     def _follow_round(self, snap: Snapshot) -> None:
         rnd = snap.round
         if rnd is None:
@@ -120,24 +169,41 @@ class ElasticAgent:
         if self._round is None or rnd.number != self._round.number:
             self._round = rnd
             member = rnd.active and self.node_id in rnd.node_ids
-            self.workers.stop(grace_period_s=min(self.config.workers.grace_period_s, 2.0))
+            in_place = self._capable()
+            if not in_place:
+                self._stop_workers(grace=RESTART_GRACE_S)
             self._pending = rnd if member else None
             if not member:
+                if in_place:
+                    self.in_place.push_standby(rnd.number)
                 self.events.emit("waiting", round=rnd.number, world_size=rnd.world_size,
                                  members=list(rnd.node_ids), cause=rnd.cause)
         if self._pending is not None:
-            self._start_workers(snap, self._pending)
+            self._apply(snap, self._pending)
 
-    def _start_workers(self, snap: Snapshot, rnd: Round) -> None:
+    def _apply(self, snap: Snapshot, rnd: Round) -> None:
+        assignment = self._assignment(snap, rnd)
+        if assignment is None:
+            return
+        self._pending = None
+        if self._capable():
+            self.in_place.push_round(assignment)
+            self.workers.set_ranks(assignment.rank_offset)
+            self._awaiting = rnd  # the event is written when all workers run in the new world
+        else:
+            self._stop_workers(grace=RESTART_GRACE_S)
+            self.workers.start(assignment)
+            self._record_round(rnd, in_place=False)
+
+    def _assignment(self, snap: Snapshot, rnd: Round) -> Optional[WorldAssignment]:
         group_rank = rnd.group_rank(self.node_id)
         master = snap.masters.get(rnd.number)
         if master is None:
             if group_rank != 0:
-                return  # rank 0's agent publishes the store address; the watch wakes us
+                return None  # rank 0's agent publishes the store address; the watch wakes us
             port = self.config.master_port or free_port(self.config.host)
             master = f"{self.config.host}:{port}"
             self.membership.publish_master(rnd.number, master)
-        addr, _, port = master.rpartition(":")
         try:
             policy = self.config.batch_policy
             plan_env = policy.plan(rnd.world_size).to_env() if policy else {}
@@ -145,19 +211,20 @@ class ElasticAgent:
             self.membership.finish(JobOutcome(status="failed", node_id=self.node_id, exit_code=1,
                                               reason=f"world of {rnd.world_size}: {exc}"))
             self._pending = None
-            return
-        self.workers.start(WorldAssignment(
+            return None
+        addr, _, port = master.rpartition(":")
+        return WorldAssignment(
             run_id=self.config.settings.run_id, round=rnd.number, group_rank=group_rank,
             group_world_size=len(rnd.members), rank_offset=rnd.rank_offset(self.node_id),
             world_size=rnd.world_size, master_addr=addr, master_port=int(port),
             restart_count=rnd.restart_count, max_restarts=self.config.settings.max_restarts,
-            env=plan_env,
-        ))
-        self._pending = None
+            env=plan_env)
+
+    def _record_round(self, rnd: Round, in_place: bool) -> None:
         first = self._seen_rounds == 0
         self._seen_rounds += 1
         fields = dict(round=rnd.number, world_size=rnd.world_size, members=list(rnd.node_ids),
-                      cause=rnd.cause)
+                      cause=rnd.cause, in_place=in_place)
         if first:
             self.events.emit("rendezvous", **fields)
         else:
@@ -172,6 +239,44 @@ class ElasticAgent:
                              nodes=list(action.detail.departed))
 
     # -- workers ---------------------------------------------------------------------------
+    def _stop_workers(self, grace: Optional[float] = None, sig: int = signal.SIGTERM) -> None:
+        if grace is not None:
+            grace = min(self.config.workers.grace_period_s, grace)
+        self.workers.stop(sig=sig, grace_period_s=grace)
+        self._awaiting = None
+        if self.in_place:
+            self.in_place.reset()
+
+    def _handle_messages(self, snap: Snapshot) -> None:
+        if self.in_place is None:
+            return
+        for _local_rank, msg in self.in_place.drain(self.workers.pids):
+            if msg["type"] == "hello" and self.in_place.capable(self.workers.pids) \
+                    and not snap.in_place:
+                self.store.mark_in_place()  # from now on, joining nodes pre-warm
+            elif msg["type"] == "collective_failed" and self._round is not None \
+                    and msg.get("round") == self._round.number:
+                self._on_collective_failure(snap, msg)
+        rnd = self._awaiting
+        if rnd is not None and self.in_place.all_running(rnd.number):
+            self._awaiting = None
+            self._record_round(rnd, in_place=True)
+
+    def _on_collective_failure(self, snap: Snapshot, msg: dict) -> None:
+        """An in-place worker's collective failed: a dead peer is a membership change; otherwise
+        the round failed (counted against --max-restarts) and is re-formed, in place."""
+        rnd = self._round
+        if self.peers.remove_dead(snap, among=rnd.node_ids):
+            return
+        reports = snap.failures_for(rnd.number)
+        if any(r.node_id == self.node_id for r in reports):
+            return  # one report per node and round
+        self.events.emit("worker_failed", round=rnd.number, world_size=rnd.world_size,
+                         members=list(rnd.node_ids), cause="collective", error=msg.get("error"))
+        self.membership.report_failure(rnd.number, FailureReport(
+            node_id=self.node_id, time=time.time(), description=msg.get("error", "collective failed"),
+            exit_code=1, traceback=msg.get("traceback", "")))
+
     def _check_workers(self, snap: Snapshot) -> None:
         if self._round is None or not self.workers.running:
             return
@@ -187,47 +292,15 @@ class ElasticAgent:
         self.events.emit("worker_failed", round=rnd.number, world_size=rnd.world_size,
                          members=list(rnd.node_ids), cause="exit", rank=failure.rank,
                          exit_code=failure.exitcode, pid=failure.pid)
-        self.workers.stop(grace_period_s=min(self.config.workers.grace_period_s, 2.0))
+        self._stop_workers(grace=RESTART_GRACE_S)
         # A peer's death shows up here as a collective error. If a peer is dead, removing it is
         # a membership change, not a failure of ours, and costs no restart.
-        if self._remove_dead_peers(snap, only_members_of=rnd):
+        if self.peers.remove_dead(snap, among=rnd.node_ids):
             return
         self.membership.report_failure(rnd.number, FailureReport(
             node_id=self.node_id, time=failure.time, description=failure.describe(),
             exit_code=failure.exitcode if failure.exitcode > 0 else 1,
             traceback=failure.traceback))
-
-    def _remove_dead_peers(self, snap: Snapshot, only_members_of: Optional[Round] = None) -> bool:
-        removed = False
-        for nid, info in snap.nodes.items():
-            if nid == self.node_id or (only_members_of and nid not in only_members_of.node_ids):
-                continue
-            if probe(info.health_addr, nid) == DEAD:
-                self._remove(info)
-                removed = True
-        return removed
-
-    def _remove(self, info) -> None:
-        try:
-            self.membership.remove_dead_peer(info)
-        except RendezvousConnectionError as exc:
-            log.warning("could not remove node %s: %s", info.node_id, exc)
-        self._peers.forget(info.node_id)
-
-    def _probe_loop(self) -> None:
-        while not self._stop_probing.wait(self.config.probe_interval):
-            snap = self._last_snapshot
-            if snap is None:
-                continue
-            for nid, info in snap.nodes.items():
-                if nid == self.node_id or self._stop_probing.is_set():
-                    continue
-                result = probe(info.health_addr, nid)
-                if self._peers.record(nid, result):
-                    self._remove(info)
-                    self._wake.set()
-                elif result != ALIVE:
-                    log.info("node %s did not answer its health probe (%s)", nid, result)
 
     # -- the end ---------------------------------------------------------------------------
     def _finish(self, outcome: JobOutcome) -> int:
@@ -235,10 +308,10 @@ class ElasticAgent:
         fields = dict(round=rnd.number if rnd else None, world_size=rnd.world_size if rnd else 0,
                       members=list(rnd.node_ids) if rnd else [])
         if outcome.status == "succeeded":
-            code = self._wait_for_workers()
+            code = self._wait_for_workers(FINISH_GRACE_S)
             self.events.emit("job_finished", exit_code=code, cause="workers_succeeded", **fields)
             return code
-        self.workers.stop()
+        self._stop_workers()
         print(f"error: job failed: {outcome.reason}", file=sys.stderr, flush=True)
         tb = (outcome.details or {}).get("traceback")
         if tb and outcome.node_id == self.node_id:
@@ -247,9 +320,10 @@ class ElasticAgent:
                          cause="job_failed", **fields)
         return outcome.exit_code or 1
 
-    def _wait_for_workers(self) -> int:
-        deadline = time.time() + FINISH_GRACE_S
-        while self.workers.running and time.time() < deadline and self._signal is None:
+    def _wait_for_workers(self, timeout: float) -> int:
+        """Exit code once the workers are done (0: all succeeded); stop them after timeout."""
+        deadline = time.time() + timeout
+        while self.workers.running and time.time() < deadline:
             state = self.workers.poll()
             if state.status == "succeeded":
                 return 0
@@ -257,18 +331,25 @@ class ElasticAgent:
                 return 1
             time.sleep(self.config.monitor_interval)
         if self.workers.running:
-            self.workers.stop()
+            self._stop_workers()
             return 1
         return 0
 
     def _leave_on_signal(self, signum: int) -> int:
         name = signal.Signals(signum).name
         rnd = self._round
+        capable = self._capable()
         # Leave first so the others shrink without us at once; then stop our workers.
         self.membership.leave()
         self.events.emit("node_left", round=rnd.number if rnd else None,
                          world_size=rnd.world_size if rnd else 0,
                          members=list(rnd.node_ids) if rnd else [], cause=name.lower())
-        self.workers.stop(sig=signum)
+        if capable:
+            # In-place workers finish the current step with the others, commit, and exit, so
+            # the survivors lose nothing; whatever is still running after the grace period is
+            # stopped below.
+            self.in_place.push_leave()
+            self._wait_for_workers(self.config.workers.grace_period_s)
+        self._stop_workers(sig=signum)
         print(f"agent {self.node_id} stopped by {name}; left the job", file=sys.stderr, flush=True)
         return 128 + signum

@@ -117,14 +117,20 @@ class GroupState:
 
 
 def worker_env(
-    base: Mapping[str, str], spec: WorkerSpec, assignment: WorldAssignment, local_rank: int
+    base: Mapping[str, str], spec: WorkerSpec, assignment: Optional[WorldAssignment],
+    local_rank: int
 ) -> dict[str, str]:
     """One worker's environment: base (the agent's), then extra_env, then the round's env, then
-    what torchrun sets."""
+    what torchrun sets. Without an assignment (standby) the worker gets no world: it waits for
+    one on its agent channel."""
     env = dict(base)
     env.update(spec.extra_env)
-    env.update(assignment.env)
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
+    if assignment is None:
+        env.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(spec.nproc),
+                   PYTHONUNBUFFERED="1", ELASTIC_STANDBY="1")
+        return env
+    env.update(assignment.env)
     rank = assignment.rank_offset + local_rank
     a = assignment
     env.update(
@@ -189,9 +195,9 @@ class _Worker:
         self.readers: list[threading.Thread] = []
 
     def pump(self, pipe: IO[bytes], console: str, echo: bool) -> None:
-        prefix = f"[rank{self.rank}]: "
         with pipe:
             for raw in pipe:
+                prefix = f"[{_label(self.rank, self.local_rank)}]: "  # in-place ranks change
                 line = raw.decode("utf-8", errors="replace").rstrip("\n") + "\n"
                 if console == "stderr":
                     self.stderr_tail.append(line[:-1])
@@ -213,6 +219,10 @@ class _Worker:
             if self.log is not None:
                 self.log.close()
                 self.log = None
+
+
+def _label(rank: Optional[int], local_rank: int) -> str:
+    return f"rank{rank}" if rank is not None else f"standby{local_rank}"
 
 
 def _send(sig: int, groups: set[int], descendants: list[psutil.Process]) -> None:
@@ -259,8 +269,9 @@ class WorkerGroup:
         round's processes, pipes and logs are held until stop(); poll() says how they are."""
         return bool(self._workers)
 
-    def start(self, assignment: WorldAssignment) -> None:
-        """Spawn spec.nproc workers for one round.
+    def start(self, assignment: Optional[WorldAssignment]) -> None:
+        """Spawn spec.nproc workers for one round, or in standby (assignment None: pre-warmed
+        in-place workers that wait for a round on their agent channel).
 
         Raises:
             RuntimeError: the group is already running a round; stop() it first.
@@ -269,19 +280,21 @@ class WorkerGroup:
         """
         if self.running:
             raise RuntimeError("the workers of a round are still held; stop() them first")
-        if assignment.rank_offset + self.spec.nproc > assignment.world_size:
+        if assignment is not None and assignment.rank_offset + self.spec.nproc > assignment.world_size:
             raise ValueError(
                 f"ranks {assignment.rank_offset}..{assignment.rank_offset + self.spec.nproc - 1}"
                 f" do not fit in a world of {assignment.world_size}"
             )
         round_dir = None
         if self.spec.log_dir is not None:
-            round_dir = os.path.join(self.spec.log_dir, f"round{assignment.round}")
+            name = f"round{assignment.round}" if assignment else "standby"
+            round_dir = os.path.join(self.spec.log_dir, name)
             os.makedirs(round_dir, exist_ok=True)
         preexec, base = _die_with_agent(os.getpid()), dict(os.environ)
         for local_rank in range(self.spec.nproc):
-            rank = assignment.rank_offset + local_rank
-            log = open(os.path.join(round_dir, f"rank{rank}.log"), "a", encoding="utf-8") \
+            rank = assignment.rank_offset + local_rank if assignment else None
+            file = f"rank{rank}.log" if assignment else f"local{local_rank}.log"
+            log = open(os.path.join(round_dir, file), "a", encoding="utf-8") \
                 if round_dir else None
             try:
                 proc = subprocess.Popen(
@@ -295,18 +308,24 @@ class WorkerGroup:
                     log.close()
                 self.stop(signal.SIGKILL, 0)
                 raise WorkerStartError(
-                    f"cannot start worker rank {rank}: {exc.strerror}: {self.spec.argv[0]!r}"
+                    f"cannot start worker {_label(rank, local_rank)}: {exc.strerror}: "
+                    f"{self.spec.argv[0]!r}"
                     f" (command: {shlex.join(self.spec.argv)}); check the path to the executable"
                 ) from exc
             worker = _Worker(local_rank, rank, proc, log)
             for pipe, console in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                 reader = threading.Thread(
                     target=worker.pump, args=(pipe, console, self.spec.echo),
-                    name=f"rank{rank}-{console}", daemon=True,
+                    name=f"{_label(rank, local_rank)}-{console}", daemon=True,
                 )
                 reader.start()
                 worker.readers.append(reader)
             self._workers.append(worker)
+
+    def set_ranks(self, rank_offset: int) -> None:
+        """In-place workers entered a new world: label their output with their new ranks."""
+        for worker in self._workers:
+            worker.rank = rank_offset + worker.local_rank
 
     def poll(self) -> GroupState:
         """Where the round stands, without blocking (beyond draining a failed worker's stderr)."""

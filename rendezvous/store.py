@@ -8,6 +8,7 @@ Layout (all values JSON unless noted):
     master/<round>       "host:port" of the round's rank-0 store, written by the rank-0 agent
     failures/<round>/<node_id>   FailureReport of a node whose workers failed in that round
     state                JobOutcome, written once when the job ends
+    inplace              "1" once some node's workers use the in-place API (newcomers pre-warm)
 
 Every client-library error becomes a RendezvousConnectionError here (`raise ... from`).
 """
@@ -38,6 +39,7 @@ class Snapshot:
     failures: Dict[int, Tuple[FailureReport, ...]]
     outcome: Optional[JobOutcome]
     spec: Optional[dict]
+    in_place: bool = False
 
     def failures_for(self, number: int) -> Tuple[FailureReport, ...]:
         return self.failures.get(number, ())
@@ -148,6 +150,10 @@ class EtcdStore:
         return JobOutcome.from_json(value)
 
     @_converted
+    def mark_in_place(self) -> None:
+        self._client.put(self._key("inplace"), "1")
+
+    @_converted
     def delete_job(self) -> None:
         self._client.delete_prefix(self._root)
 
@@ -156,7 +162,7 @@ class EtcdStore:
     def snapshot(self) -> Snapshot:
         nodes, masters, failures = {}, {}, {}
         leader = rnd = outcome = spec = None
-        revision = 0
+        revision, in_place = 0, False
         for value, meta in self._client.get_prefix(self._root):
             rel = meta.key.decode()[len(self._root):].split("/")
             kind = rel[0]
@@ -175,9 +181,12 @@ class EtcdStore:
                 outcome = JobOutcome.from_json(value)
             elif kind == "spec":
                 spec = json.loads(value)
+            elif kind == "inplace":
+                in_place = True
         return Snapshot(
             nodes=nodes, leader=leader, round=rnd, round_revision=revision, masters=masters,
             failures={k: tuple(v) for k, v in failures.items()}, outcome=outcome, spec=spec,
+            in_place=in_place,
         )
 
     # -- change notification -------------------------------------------------------------

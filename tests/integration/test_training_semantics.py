@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from .agents import Agent, new_mark, processes_with_mark, wait_for
+from .agents import Agent, new_mark, processes_with_mark, read_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,8 @@ DATASET, EPOCHS = 200, 3
 
 
 class Job:
-    def __init__(self, tmp_path, etcd_endpoint, run_id):
-        self.tmp, self.mark, self.agents = tmp_path, new_mark(), []
+    def __init__(self, tmp_path, etcd_endpoint, run_id, mode="auto"):
+        self.tmp, self.mark, self.agents, self.mode = tmp_path, new_mark(), [], mode
         self.allowance = tmp_path / "allowance"
         self.records = tmp_path / "records"
         self.records.mkdir()
@@ -39,7 +39,7 @@ class Job:
         args = ["--nnodes", nnodes, "--nproc-per-node", nproc, "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", self.run_id, "--rdzv-conf",
                 "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
-                "--global-batch-size", 10, "--max-micro-batch", 4,
+                "--log-dir", self.tmp / "logs", "--global-batch-size", 10, "--max-micro-batch", 4, "--rescale-mode", self.mode,
                 SCRIPT, "--checkpoint", self.checkpoint, "--out", self.out,
                 "--record-dir", self.records, "--allowance-file", self.allowance,
                 "--epochs", EPOCHS, "--dataset", DATASET]
@@ -57,13 +57,12 @@ class Job:
 def make_job(tmp_path, etcd_endpoint, run_id):
     jobs = []
 
-    def make(name):
-        job = Job(tmp_path / name, etcd_endpoint, f"{run_id}-{name}")
+    def make(name, mode="auto"):
+        (tmp_path / name).mkdir()
+        job = Job(tmp_path / name, etcd_endpoint, f"{run_id}-{name}", mode)
         jobs.append(job)
         return job
 
-    for p in ("reference", "elastic", "stopped"):
-        (tmp_path / p).mkdir()
     yield make
     for job in jobs:
         job.close()
@@ -102,9 +101,15 @@ def surviving_steps(records_dir):
     return final, by_step
 
 
-def test_world_changes_train_like_one_process_with_every_sample_once(make_job):
+def worker_pids(agent, rank):
+    return {int(line.rsplit("pid=", 1)[1]) for line in agent.output().splitlines()
+            if "RESUMED" in line and f" rank={rank} " in line}
+
+
+@pytest.mark.parametrize("mode", ["in-place", "restart"])
+def test_world_changes_train_like_one_process_with_every_sample_once(make_job, mode):
     expected = reference_params(make_job)
-    job = make_job("elastic")
+    job = make_job("elastic", mode="auto" if mode == "in-place" else "restart")
     a = job.start("a")
     pos = seen(a, "RESUMED step=0 epoch=0 cursor=0 world=1")  # a holds rank 0 from now on
     b = job.start("b")
@@ -124,6 +129,11 @@ def test_world_changes_train_like_one_process_with_every_sample_once(make_job):
     assert a.wait(120) == 0, a.output()[-3000:]
     out = a.output()
     assert "PLAN world 2 -> 3 accum=1" in out and "PLAN world 2 -> 1 accum=3" in out
+    # Survivors keep their processes in place; restart mode starts new ones every time.
+    rank0_pids = worker_pids(a, 0)
+    assert len(rank0_pids) == (1 if mode == "in-place" else out.count("RESUMED")), out[-3000:]
+    rescales = [e for e in read_events(job.tmp / "logs") if e["event"] == "rescale"]
+    assert rescales and all(e["in_place"] == (mode == "in-place") for e in rescales)
 
     assert_same_params(torch.load(job.out), expected)
 

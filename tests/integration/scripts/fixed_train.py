@@ -8,7 +8,10 @@ each node's local rank 0 writes the checkpoint (a restarted world resumes from i
 
 Audit trail: every trained step appends {"round", "step", "epoch", "rank", "indices"} to
 <record-dir>/round<R>-rank<K>.jsonl. The test reconstructs which steps survived.
-Pacing: a rank trains step s only once the integer in --allowance-file is >= s.
+Pacing: the ranks train step s only once the integer in --allowance-file is >= s; while they
+wait they keep passing step boundaries, so an in-place world change can happen meanwhile.
+Works in both rescale modes: `integrations.torch.run` re-enters `train` after an in-place change,
+and simply runs it once when the launcher restarts workers instead.
 """
 import argparse
 import json
@@ -21,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from elastic import ElasticSampler, ElasticState, current_plan
+from elastic import ElasticSampler, ElasticState
+from integrations.torch.run import run
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", required=True)
@@ -41,74 +45,82 @@ targets = torch.sin(inputs.sum(dim=1, keepdim=True))
 torch.manual_seed(1)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-plan = current_plan()
-ddp = DDP(model)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-sampler = ElasticSampler(args.dataset, plan.global_batch, seed=3)
-state = ElasticState(model, optimizer, sampler=sampler, plan=plan, step=0, epoch=0)
-state.on_plan_change(lambda old, new: print(
-    f"PLAN world {old.world_size if old else None} -> {new.world_size} "
-    f"accum={new.accum_steps} rank={rank}", flush=True))
-state.resume(args.checkpoint)
-print(f"RESUMED step={state.step} epoch={state.epoch} cursor={sampler.cursor} world={world} "
-      f"rank={rank}", flush=True)
-
-round_number = os.environ["ELASTIC_ROUND"]
-record = open(Path(args.record_dir) / f"round{round_number}-rank{rank}.jsonl", "a")
+sampler = ElasticSampler(args.dataset, 10, seed=3)
+state = ElasticState(model, optimizer, sampler=sampler, step=0, epoch=0)
 local_rank = int(os.environ["LOCAL_RANK"])
 
 
-def allowed(step):
+def allowance():
+    try:
+        return int(Path(args.allowance_file).read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_allowed(world, step):
     while True:
-        try:
-            if int(Path(args.allowance_file).read_text() or 0) >= step:
-                return
-        except (OSError, ValueError):
-            pass
+        ok = torch.tensor([1.0 if allowance() >= step else 0.0])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank waits the same number of rounds
+        if ok.item() > 0:
+            return
+        world.step_boundary(state)
         time.sleep(0.02)
 
 
-def micro_batches(indices):
-    """This rank's share in plan.accum_steps chunks (some may be empty)."""
-    k, n = plan.accum_steps, len(indices)
+def micro_batches(indices, accum_steps):
+    """This rank's share in accum_steps chunks (some may be empty)."""
+    k, n = accum_steps, len(indices)
     sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
     starts = [sum(sizes[:i]) for i in range(k)]
     return [indices[s:s + z] for s, z in zip(starts, sizes)]
 
 
-while state.epoch < args.epochs:
-    sampler.set_epoch(state.epoch)
-    for indices in sampler:
-        allowed(state.step + 1)
-        step_batch = sampler.step_global_batch()
-        chunks = micro_batches(indices)
-        for k, chunk in enumerate(chunks):
-            with ddp.no_sync() if k < len(chunks) - 1 else nullcontext():
-                x, y = inputs[chunk], targets[chunk]
-                loss = ((ddp(x) - y) ** 2).sum() * world / step_batch
-                loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sampler.advance()
-        state.step += 1
-        record.write(json.dumps({"round": int(round_number), "step": state.step,
-                                 "epoch": state.epoch, "rank": rank, "indices": indices}) + "\n")
-        record.flush()
-        if state.step % args.commit_every == 0:
-            state.commit()
-            if local_rank == 0:
-                state.save(args.checkpoint)
-        if rank == 0:
-            print(f"STEP {time.time():.3f} step={state.step} world={world} rank=0", flush=True)
-        time.sleep(args.step_sleep)
-    state.epoch += 1
+def commit():
     state.commit()
-    if local_rank == 0:
+    if int(os.environ["LOCAL_RANK"]) == 0:
         state.save(args.checkpoint)
 
-if rank == 0:
-    torch.save([p.detach().clone() for p in model.parameters()], args.out)
-dist.destroy_process_group()
-print(f"DONE step={state.step} world={world} rank={rank}", flush=True)
+
+def train(world):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    ddp = DDP(model)
+    print(f"RESUMED step={state.step} epoch={state.epoch} cursor={sampler.cursor} world={size} "
+          f"rank={rank} pid={os.getpid()}", flush=True)
+    record = open(Path(args.record_dir) / f"round{world.round}-rank{rank}.jsonl", "a")
+    while state.epoch < args.epochs:
+        sampler.set_epoch(state.epoch)
+        for indices in sampler:
+            wait_allowed(world, state.step + 1)
+            step_batch = sampler.step_global_batch()
+            chunks = micro_batches(indices, world.plan.accum_steps)
+            for k, chunk in enumerate(chunks):
+                with ddp.no_sync() if k < len(chunks) - 1 else nullcontext():
+                    x, y = inputs[chunk], targets[chunk]
+                    loss = ((ddp(x) - y) ** 2).sum() * size / step_batch
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sampler.advance()
+            state.step += 1
+            record.write(json.dumps({"round": world.round, "step": state.step,
+                                     "epoch": state.epoch, "rank": rank,
+                                     "indices": indices}) + "\n")
+            record.flush()
+            if state.step % args.commit_every == 0:
+                commit()
+            if rank == 0:
+                print(f"STEP {time.time():.3f} step={state.step} world={size} rank=0", flush=True)
+            time.sleep(args.step_sleep)
+            world.step_boundary(state)
+        state.epoch += 1
+        commit()
+    if rank == 0:
+        torch.save([p.detach().clone() for p in model.parameters()], args.out)
+    print(f"DONE step={state.step} world={size} rank={rank}", flush=True)
+
+
+state.on_plan_change(lambda old, new: print(
+    f"PLAN world {old.world_size if old else None} -> {new.world_size} "
+    f"accum={new.accum_steps} rank={dist.get_rank()}", flush=True))
+run(train, state, checkpoint=args.checkpoint)

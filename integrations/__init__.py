@@ -1,0 +1,1 @@
+"""Integrations with training frameworks and cluster systems; each imports its library lazily."""

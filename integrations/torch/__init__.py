@@ -1,0 +1,1 @@
+"""torch specifics: process-group (re)initialisation, DDP rebuild, torchrun rendezvous handler."""

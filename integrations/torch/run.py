@@ -1,0 +1,53 @@
+"""`run(train, state)`: keep a training function going across world changes, in process.
+
+    def train(world):
+        ddp = DDP(model)                       # rebuilt on every (re)entry
+        while state.epoch < epochs:
+            for indices in sampler:
+                ...step...
+                world.step_boundary(state)     # commits and switches when a new round is pending
+            ...
+    run(train, state, checkpoint="ckpt.pt")
+
+On entry the worker joins the current world and resumes (rank 0 loads the checkpoint, everyone
+syncs from rank 0). `train` is re-entered after each change: at an agreed step boundary
+(WorldChanged: nothing lost), or after a collective failed because a peer died (the state rolls
+back to the last commit). Surviving processes are never restarted. Without an agent channel
+(started by torchrun, or by `elastic.run --rescale-mode restart`) a failure propagates as usual
+and the launcher restarts the workers.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, TypeVar
+
+from .world import ElasticWorld, WorldChanged
+
+T = TypeVar("T")
+
+
+def run(train: Callable[[ElasticWorld], T], state, *, checkpoint: Optional[str] = None,
+        world: Optional[ElasticWorld] = None) -> T:
+    world = world or ElasticWorld()
+    world.join()
+    state.plan = world.plan
+    state.resume(checkpoint)
+    changed = False
+    try:
+        while True:
+            try:
+                if changed:
+                    world.reconfigure()
+                    state.plan = world.plan
+                    state.resume(None)
+                    changed = False
+                return train(world)
+            except WorldChanged:
+                changed = True
+            except RuntimeError as exc:  # gloo/NCCL errors are RuntimeErrors (DistBackendError)
+                if not world.in_place:
+                    raise
+                world.report_failure(exc)
+                state.restore()
+                changed = True
+    finally:
+        world.close()

@@ -1,0 +1,197 @@
+"""The worker's side of in-place rescaling: its channel to the agent and its process group.
+
+`ElasticWorld` joins the job's current world (from the environment when the agent started this
+worker for a round, or by waiting for a round when it was started in standby, pre-warmed), and
+at every step boundary agrees with the other ranks whether a new round is pending (one
+one-element all-reduce). When one is, every rank leaves the old process group at the same step
+and `reconfigure()` builds the new one; a rank whose node is no longer a member goes back to
+standby, or exits when its agent is leaving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import traceback
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from elastic.policy import BatchPlan
+
+ENV_AGENT_ADDR = "ELASTIC_AGENT_ADDR"
+DEFAULT_PG_TIMEOUT = timedelta(seconds=60)
+
+
+class WorldChanged(Exception):
+    """Raised at a step boundary that every rank agreed on: the world is about to change."""
+
+
+class LeftJob(SystemExit):
+    """This worker's node left the job; the process ends with code 0."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+class AgentChannel:
+    """Newline-delimited JSON to and from this node's agent (see launcher/control.py)."""
+
+    def __init__(self, addr: str, local_rank: int):
+        host, _, port = addr.rpartition(":")
+        self._sock = socket.create_connection((host, int(port)))
+        self._cond = threading.Condition()
+        self._round: Optional[dict] = None
+        self.leaving = False
+        self._send_lock = threading.Lock()
+        self.send({"type": "hello", "local_rank": local_rank, "pid": os.getpid()})
+        threading.Thread(target=self._read, name="agent-channel", daemon=True).start()
+
+    @classmethod
+    def from_env(cls) -> Optional["AgentChannel"]:
+        addr = os.environ.get(ENV_AGENT_ADDR)
+        return cls(addr, int(os.environ.get("LOCAL_RANK", "0"))) if addr else None
+
+    def _read(self) -> None:
+        try:
+            for line in self._sock.makefile("r", encoding="utf-8"):
+                msg = json.loads(line)
+                with self._cond:
+                    if msg["type"] == "round":
+                        if self._round is None or msg["round"] >= self._round["round"]:
+                            self._round = msg
+                    elif msg["type"] == "leave":
+                        self.leaving = True
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        with self._cond:  # the agent is gone: nothing left to wait for
+            self.leaving = True
+            self._cond.notify_all()
+
+    def send(self, msg: dict) -> None:
+        with self._send_lock:
+            try:
+                self._sock.sendall((json.dumps(msg) + "\n").encode())
+            except OSError:
+                pass  # the agent is gone; PDEATHSIG ends us shortly
+
+    @property
+    def latest_round(self) -> int:
+        with self._cond:
+            return self._round["round"] if self._round else 0
+
+    def wait_round(self, after: int) -> Optional[dict]:
+        """Block until a round newer than `after` that includes this node arrives; None if the
+        node is leaving."""
+        with self._cond:
+            while True:
+                if self.leaving:
+                    return None
+                r = self._round
+                if r is not None and r["round"] > after and r["member"]:
+                    return r
+                self._cond.wait()
+
+
+class ElasticWorld:
+    """This worker's place in the job; see the module docstring."""
+
+    def __init__(self, backend: str = "gloo", timeout: timedelta = DEFAULT_PG_TIMEOUT):
+        self.backend, self.timeout = backend, timeout
+        self.channel = AgentChannel.from_env()
+        self.round = 0
+        self.plan: Optional[BatchPlan] = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.channel is not None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    def join(self) -> None:
+        """Enter the current world: the agent's environment if it started us for a round,
+        otherwise (standby) the first round that includes this node."""
+        if "RANK" in os.environ:
+            self.round = int(os.environ.get("ELASTIC_ROUND", "0"))
+            dist.init_process_group(self.backend, timeout=self.timeout)
+            self.plan = BatchPlan.from_env(os.environ)
+        else:
+            self._enter(self._next_round())
+        self._announce()
+
+    def _next_round(self) -> dict:
+        self.channel.send({"type": "ready"})
+        msg = self.channel.wait_round(self.round)
+        if msg is None:
+            raise LeftJob()
+        return msg
+
+    def _enter(self, msg: dict) -> None:
+        env = {
+            "RANK": msg["rank"], "WORLD_SIZE": msg["world_size"], "LOCAL_RANK": msg["local_rank"],
+            "LOCAL_WORLD_SIZE": msg["local_world_size"], "GROUP_RANK": msg["group_rank"],
+            "GROUP_WORLD_SIZE": msg["group_world_size"], "ROLE_RANK": msg["rank"],
+            "ROLE_WORLD_SIZE": msg["world_size"], "MASTER_ADDR": msg["master_addr"],
+            "MASTER_PORT": msg["master_port"], "TORCHELASTIC_RESTART_COUNT": msg["restart_count"],
+            "ELASTIC_ROUND": msg["round"], **msg.get("env", {}),
+        }
+        os.environ.update({k: str(v) for k, v in env.items()})  # user code reading env sees it
+        self.round = msg["round"]
+        dist.init_process_group(
+            self.backend, init_method=f"tcp://{msg['master_addr']}:{msg['master_port']}",
+            rank=msg["rank"], world_size=msg["world_size"], timeout=self.timeout)
+        self.plan = BatchPlan.from_env(os.environ)
+
+    def _announce(self) -> None:
+        if self.channel is not None:
+            self.channel.send({"type": "running", "round": self.round})
+
+    def change_pending(self) -> bool:
+        """Collective: True on every rank when any rank knows of a newer round (or of its node
+        leaving). Every rank must call it at the same step."""
+        if self.channel is None:
+            return False
+        mine = 1.0 if (self.channel.latest_round > self.round or self.channel.leaving) else 0.0
+        flag = torch.tensor([mine])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def step_boundary(self, state) -> None:
+        """Call after every optimizer step, on every rank. When a new world is pending, commit
+        `state` (nothing is lost: the old world still works) and raise WorldChanged."""
+        if self.change_pending():
+            state.commit()
+            raise WorldChanged()
+
+    def reconfigure(self) -> None:
+        """Leave the old process group and enter the next round's (after a boundary everyone
+        agreed on, or after a collective failure)."""
+        self._leave_group()
+        self._enter(self._next_round())
+        self._announce()
+
+    def report_failure(self, exc: BaseException) -> None:
+        if self.channel is not None:
+            self.channel.send({"type": "collective_failed", "round": self.round,
+                               "error": f"{type(exc).__name__}: {exc}",
+                               "traceback": "".join(traceback.format_exception(exc))[-4000:]})
+
+    def _leave_group(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group may fail to shut down; it is dropped either way
+                pass
+
+    def close(self) -> None:
+        self._leave_group()

@@ -1,0 +1,77 @@
+"""Watching the other agents: a background prober that removes dead nodes at once.
+
+Every `interval` it probes the health endpoint of each other registered node (launcher.health);
+a node found dead has its lease revoked, which deletes its registration, so the leader publishes
+a round without it long before the lease would have expired.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterable, Optional
+
+from rendezvous.api import NodeInfo, RendezvousConnectionError
+from rendezvous.membership import Membership
+from rendezvous.store import Snapshot
+
+from .health import ALIVE, DEAD, PeerWatch, probe
+
+log = logging.getLogger(__name__)
+
+
+class PeerMonitor:
+    def __init__(self, membership: Membership, interval: float, wake: Callable[[], None]):
+        self._membership = membership
+        self._interval = interval
+        self._wake = wake
+        self._watch = PeerWatch()
+        self._stop = threading.Event()
+        self._snapshot: Optional[Snapshot] = None
+        self._thread = threading.Thread(target=self._loop, name="peer-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def update(self, snap: Snapshot) -> None:
+        self._snapshot = snap
+
+    def _others(self, snap: Snapshot, among: Optional[Iterable[str]] = None):
+        me = self._membership.node_id
+        wanted = set(among) if among is not None else None
+        return [info for nid, info in snap.nodes.items()
+                if nid != me and (wanted is None or nid in wanted)]
+
+    def remove_dead(self, snap: Snapshot, among: Optional[Iterable[str]] = None) -> bool:
+        """Probe now (after a collective error); True if some node of `among` is gone: found
+        dead and removed here, or already removed (by lease expiry or another prober)."""
+        removed = among is not None and any(nid not in snap.nodes for nid in among)
+        for info in self._others(snap, among):
+            if probe(info.health_addr, info.node_id) == DEAD:
+                self._remove(info)
+                removed = True
+        return removed
+
+    def _remove(self, info: NodeInfo) -> None:
+        try:
+            self._membership.remove_dead_peer(info)
+        except RendezvousConnectionError as exc:
+            log.warning("could not remove node %s: %s", info.node_id, exc)
+        self._watch.forget(info.node_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            snap = self._snapshot
+            if snap is None:
+                continue
+            for info in self._others(snap):
+                if self._stop.is_set():
+                    return
+                result = probe(info.health_addr, info.node_id)
+                if self._watch.record(info.node_id, result):
+                    self._remove(info)
+                    self._wake()
+                elif result != ALIVE:
+                    log.info("node %s did not answer its health probe (%s)", info.node_id, result)
