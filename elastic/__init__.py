@@ -12,6 +12,7 @@ _EXPORTS = {
     "ElasticSampler": "elastic.sampler",
     "collate_or_none": "elastic.sampler",
     "current_plan": "elastic.worker",
+    "lr_schedule": "elastic.worker",
     "BatchPlan": "elastic.policy",
     "BatchPolicyError": "elastic.policy",
     "LrSchedule": "elastic.policy",

@@ -142,6 +142,7 @@ def save_checkpoint(path: str, state: dict, *, fingerprint: str) -> None:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fp = fingerprint.encode()
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     # Not mkstemp: its files are private (0600); a checkpoint gets the umask's usual mode.

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KEY=VALUE,... with join_timeout (s a job may stay below min nodes, "
                         "default 600), last_call_timeout (s to wait for more nodes once min are "
                         "present, default 3), join_settle (s over which joins are coalesced, "
-                        "default 0.5), lease_ttl (s after which a silent node is removed, default "
+                        "default 0.2), lease_ttl (s after which a silent node is removed, default "
                         "10), connect_timeout (s to reach etcd, default 5)")
     p.add_argument("--standalone", action="store_true",
                    help="one-machine job on an embedded etcd (the default without --rdzv-endpoint)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from elastic.policy import BatchPlan, BatchPolicyError
+from elastic.policy import ENV_LR_WARMUP_STEPS, BatchPlan, BatchPolicyError, LrSchedule
 
 
 def current_plan(env: Optional[Mapping[str, str]] = None) -> BatchPlan:
@@ -24,3 +24,10 @@ def current_plan(env: Optional[Mapping[str, str]] = None) -> BatchPlan:
             "no batch plan in this worker's environment; start it with "
             "`python -m elastic.run --global-batch-size N` (or --batch-policy ...)")
     return plan
+
+
+def lr_schedule(env: Optional[Mapping[str, str]] = None) -> LrSchedule:
+    """The learning-rate warm-up the job was started with (--lr-warmup-steps): feed it each
+    plan with `on_plan(plan, step)` and multiply the base rate by `factor(step)`."""
+    env = os.environ if env is None else env
+    return LrSchedule(int(env.get(ENV_LR_WARMUP_STEPS, "0")))

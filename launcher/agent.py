@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from elastic.policy import BatchPolicy, BatchPolicyError
+from elastic.policy import ENV_LR_WARMUP_STEPS, BatchPolicy, BatchPolicyError
 from rendezvous.api import JobOutcome, RendezvousSettings, RendezvousTimeoutError, Round
 from rendezvous.decision import FailureReport
 from rendezvous.membership import Membership, new_node_id
@@ -207,6 +207,8 @@ class ElasticAgent:
         try:
             policy = self.config.batch_policy
             plan_env = policy.plan(rnd.world_size).to_env() if policy else {}
+            if policy:
+                plan_env[ENV_LR_WARMUP_STEPS] = str(policy.warmup_steps)
         except BatchPolicyError as exc:
             self.membership.finish(JobOutcome(status="failed", node_id=self.node_id, exit_code=1,
                                               reason=f"world of {rnd.world_size}: {exc}"))

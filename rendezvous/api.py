@@ -49,7 +49,7 @@ class RendezvousSettings:
     max_nodes: int = 1
     join_timeout: float = 600.0
     last_call_timeout: float = 3.0
-    join_settle: float = 0.5
+    join_settle: float = 0.2
     lease_ttl: float = 10.0
     max_restarts: int = 0
 

@@ -73,7 +73,8 @@ def _newcomers(view: View, current: Sequence[str]) -> list:
     return sorted(waiting, key=lambda nid: (view.first_seen.get(nid, view.now), nid))
 
 
-def _next_round(view, members, *, active=True, cause, restart_count=None) -> Round:
+def _next_round(view, members, *, active=True, cause, restart_count=None,
+                cause_time=None) -> Round:
     prev = view.round
     return Round(
         number=(prev.number + 1) if prev else 1,
@@ -81,7 +82,7 @@ def _next_round(view, members, *, active=True, cause, restart_count=None) -> Rou
         active=active,
         restart_count=restart_count if restart_count is not None else (prev.restart_count if prev else 0),
         cause=cause,
-        cause_time=view.now,
+        cause_time=view.now if cause_time is None else cause_time,
     )
 
 
@@ -158,14 +159,17 @@ def _decide_running(view: View, settings: RendezvousSettings, current: Round) ->
         joined = tuple(newcomers[: max(room, 0)])
         members = survivors + [_member(view.nodes[nid]) for nid in joined]
         return Publish(
-            _next_round(view, members, cause="worker_failed", restart_count=current.restart_count + 1),
+            _next_round(view, members, cause="worker_failed", cause_time=first.time,
+                        restart_count=current.restart_count + 1),
             joined=joined,
         )
     if newcomers and room > 0:
-        settle_at = min(view.first_seen.get(nid, view.now) for nid in newcomers) + settings.join_settle
-        if view.now < settle_at:
-            return Wait(wake_at=settle_at)
+        first_join = min(view.first_seen.get(nid, view.now) for nid in newcomers)
+        if view.now < first_join + settings.join_settle:
+            return Wait(wake_at=first_join + settings.join_settle)
         joined = tuple(newcomers[:room])
         members = survivors + [_member(view.nodes[nid]) for nid in joined]
-        return Publish(_next_round(view, members, cause="node_joined"), joined=joined)
+        # The rescale is timed from the join, so the coalescing window counts against it.
+        return Publish(_next_round(view, members, cause="node_joined", cause_time=first_join),
+                       joined=joined)
     return Wait()

@@ -60,7 +60,7 @@ BACKEND = "elastic-etcd"
 POLL_INTERVAL_S = 0.1
 # One attempt to reach a round's rank-0 store; retried (while the round stands) when it fails.
 STORE_CONNECT_TIMEOUT_S = 5.0
-# Timeout of the agent's own store operations (rank assignment, exit barrier sets its own).
+# Timeout of store operations on the returned store (torch's rank assignment, for one).
 STORE_TIMEOUT_S = 300.0
 ETCD_TIMEOUT_S = 5.0
 # torchrun's --max-restarts is the limit; the leader must never end the job for restarts.
@@ -120,6 +120,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._host = host
         self._joined = False
         self._round: Optional[Round] = None  # the round next_rendezvous returned last
+        self._asked: Optional[int] = None  # the round we reported as failed to get a new one
         self._tcp_store: Optional[TCPStore] = None  # keeps that round's store (rank 0: server) open
         self._wake = threading.Event()
         self._wake_at: Optional[float] = None  # when the leader wants to look again (wall clock)
@@ -157,8 +158,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._membership.store.watch(self._wake.set)
                 self._joined = True
                 log.info("node %s joined job %s", self.node_id, self.get_run_id())
-            elif self._round is not None:
-                self._ask_for_new_round()
             while True:
                 rnd = self._await_round(deadline)
                 opened = self._open_round_store(rnd, deadline)
@@ -171,19 +170,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
                      rnd.number, rank, len(rnd.members), rnd.cause)
             return RendezvousInfo(store, rank, len(rnd.members), bootstrap)
 
-    def _ask_for_new_round(self) -> None:
-        """torchrun re-enters after its workers stopped. Unless a newer round is already out, or
-        newcomers are about to be admitted, tell the leader the round failed: it answers with a
-        new round of the same nodes (membership changes need no report)."""
-        snap = self._step()
-        rnd = snap.round
-        if (snap.outcome is None and rnd is not None and rnd.number == self._round.number
-                and self._waiting(snap) == 0):
-            self._membership.report_failure(rnd.number, FailureReport(
-                node_id=self.node_id, time=time.time(),
-                description=f"torchrun agent on node {self.node_id} restarted its workers"))
-            log.info("node %s asked for a round after round %d", self.node_id, rnd.number)
-
     def _await_round(self, deadline: float) -> Round:
         while True:
             snap = self._step()
@@ -192,8 +178,22 @@ class EtcdRendezvousHandler(RendezvousHandler):
             rnd = snap.round
             if self._is_next(rnd):
                 return rnd
+            if self._round is not None and rnd is not None and rnd.number == self._round.number:
+                self._ask_for_new_round(snap)
             self._check_deadline(deadline)
             self._sleep()
+
+    def _ask_for_new_round(self, snap: Snapshot) -> None:
+        """torchrun re-entered while our round still stands: its workers stopped. Unless
+        newcomers are about to be admitted (a new round is coming anyway), tell the leader the
+        round failed; it answers with a new round of the same nodes."""
+        number = snap.round.number
+        if self._waiting(snap) == 0 and self._asked != number:
+            self._membership.report_failure(number, FailureReport(
+                node_id=self.node_id, time=time.time(),
+                description=f"torchrun agent on node {self.node_id} restarted its workers"))
+            self._asked = number
+            log.info("node %s asked for a round after round %d", self.node_id, number)
 
     def _is_next(self, rnd: Optional[Round]) -> bool:
         return (rnd is not None and rnd.active and self.node_id in rnd.node_ids
@@ -259,8 +259,13 @@ class EtcdRendezvousHandler(RendezvousHandler):
 
         Also this node's turn to lead: torchrun calls it every --monitor-interval.
         """
-        with _as_torch_errors():
+        try:
             snap = self._step()
+        except ours.RendezvousConnectionError as exc:
+            # The workers do not need etcd; a blip must not end them. Look again next interval.
+            log.warning("cannot check for waiting nodes: %s", exc)
+            return 0
+        with _as_torch_errors():
             if snap.outcome is not None or self._round is None:
                 return 0
             waiting = self._waiting(snap)
@@ -342,8 +347,14 @@ def create_handler(params: RendezvousParameters) -> RendezvousHandler:
                          "start one with `python -m rendezvous`")
     settings = settings_from_params(params)
     host = params.local_addr or socket.getfqdn()
-    with _as_torch_errors():
+    try:
         store = EtcdStore(params.endpoint, settings.run_id, timeout=ETCD_TIMEOUT_S)
+    except ours.RendezvousConnectionError as exc:
+        # connect's advice names elastic-run's embedded etcd; torchrun has none.
+        raise RendezvousConnectionError(
+            f"--rdzv-endpoint {params.endpoint}: no etcd answered within {ETCD_TIMEOUT_S:g}s; "
+            "start one with `python -m rendezvous --listen HOST:PORT` and pass that address"
+        ) from exc
     # torchrun does not tell the handler --nproc-per-node; one member is one node (nproc 1).
     membership = Membership(store, settings, host=host, nproc=1, health_addr="",
                             node_id=new_node_id())

@@ -61,6 +61,7 @@ def test_newcomers_coalesced_and_appended_after_survivors():
     assert d.round.node_ids == ("b", "a", "c")
     assert d.round.number == 5 and d.round.cause == "node_joined"
     assert d.joined == ("c",)
+    assert d.round.cause_time == 10  # timed from the join, not from the publication
 
 
 def test_no_room_for_newcomers_at_max():
@@ -105,6 +106,7 @@ def test_worker_failure_restarts_same_members_and_counts():
     assert isinstance(d, Publish)
     assert d.round.node_ids == ("a", "b")
     assert d.round.restart_count == 2 and d.round.cause == "worker_failed"
+    assert d.round.cause_time == 5.0
 
 
 def test_worker_failure_past_max_restarts_fails_with_first_report():

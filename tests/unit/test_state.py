@@ -203,7 +203,8 @@ def test_async_save_equals_the_committed_state(tmp_path):
 
 def test_async_errors_surface_on_the_next_call(tmp_path):
     saver = AsyncCheckpointer()
-    saver.save(tmp_path / "missing-dir" / "x.pt", {"a": torch.ones(2)}, fingerprint="f")
+    (tmp_path / "a-file").write_text("")  # a directory cannot be made under a file
+    saver.save(tmp_path / "a-file" / "x.pt", {"a": torch.ones(2)}, fingerprint="f")
     with pytest.raises(CheckpointError, match="asynchronous save of checkpoint .*x.pt failed"):
         saver.wait()
     saver.save(tmp_path / "ok.pt", {"a": torch.ones(2)}, fingerprint="f")

@@ -1,0 +1,46 @@
+"""In-place rescale: survivors keep their processes, also when a peer dies inside a collective."""
+import re
+
+import pytest
+
+from .agents import Agent, new_mark, processes_with_mark, read_events, wait_for
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = "tests/integration/scripts/allreduce_loop.py"
+
+
+def pids_in(text, world):
+    return {int(p) for p in re.findall(rf"world={world} rank=\d+ pid=(\d+)", text)}
+
+
+def test_peer_killed_inside_an_allreduce_survivors_resume_without_restart(
+        tmp_path, etcd_endpoint, run_id):
+    mark, stop, logs = new_mark(), tmp_path / "stop", tmp_path / "logs"
+    args = ["--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", etcd_endpoint,
+            "--rdzv-id", run_id, "--rdzv-conf", "last_call_timeout=0.3,join_settle=0.2,lease_ttl=60",
+            "--log-dir", logs, SCRIPT, "--stop-file", stop]
+    a = Agent(args, tmp_path, "a", mark)
+    b = None
+    try:
+        wait_for(lambda: "world=2 rank=0" in a.output(), timeout=60, what="a alone")
+        b = Agent(args, tmp_path, "b", mark)
+        wait_for(lambda: "world=4 rank=0" in a.output(), timeout=60, what="a and b together")
+        before = len(a.output())
+        b.kill_node()
+        wait_for(lambda: "world=2 rank=0" in a.output()[before:], timeout=60,
+                 what="a alone again after b's death")
+        stop.touch()
+        assert a.wait(60) == 0, a.output()[-3000:]
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+    out = a.output()
+    # Each of a's two workers kept its process through the join and through b's death.
+    assert pids_in(out, 2) == pids_in(out, 4) and len(pids_in(out, 2)) == 2
+    events = read_events(logs)
+    assert [e["world_size"] for e in events
+            if e["event"] == "rescale" and e["node"] == events[0]["node"]] == [4, 2]
+    assert not [e for e in events if e["event"] == "worker_failed" and e["cause"] == "exit"]
+    assert processes_with_mark(mark) == []
