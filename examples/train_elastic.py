@@ -1,4 +1,6 @@
-"""Elastic DDP training with the worker API: batch plans, exactly-once data, commit and resume.
+"""Elastic DDP training with the worker API: batch plans, exactly-once data, commit and resume,
+and in-place rescale (`integrations.torch.run`: survivors keep training in the new world
+without restarting; joining nodes pre-warm).
 
 Run it under a batch policy (the plan of each world reaches the workers from the launcher):
 
@@ -22,11 +24,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-from elastic import ElasticSampler, ElasticState, LrSchedule, collate_or_none, current_plan
+from elastic import ElasticSampler, ElasticState, collate_or_none, lr_schedule
+from integrations.torch.run import run
 
 NUM_SAMPLES, NUM_FEATURES, SEED = 2048, 16, 1234
 BASE_LR = 0.05       # tuned for the reference world; the plan's lr_factor scales it
-WARMUP_STEPS = 20    # optimizer steps over which the LR factor ramps after a plan change
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=2)
@@ -44,40 +46,28 @@ dataset = TensorDataset(features, targets)
 torch.manual_seed(SEED)
 model = nn.Sequential(nn.Linear(NUM_FEATURES, 64), nn.ReLU(), nn.Linear(64, 1))
 
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
 local_rank = int(os.environ["LOCAL_RANK"])
-plan = current_plan()  # this world's global batch, micro-batches and LR factor
-ddp = DistributedDataParallel(model)
 optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR, momentum=0.9)
-lr_ramp = LrSchedule(WARMUP_STEPS)
-sampler = ElasticSampler(len(dataset), plan.global_batch, seed=SEED)
+lr_ramp = lr_schedule()  # ramps the plan's LR factor over --lr-warmup-steps after a change
+sampler = ElasticSampler(len(dataset), 1, rank=0, world_size=1, seed=SEED)  # run() sets the plan
 loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate_or_none)
 
 # The raw model, not the DDP wrapper: the checkpoint then loads without DDP too.
-state = ElasticState(model, optimizer, sampler=sampler, scheduler=lr_ramp, plan=plan,
-                     step=0, epoch=0)
+state = ElasticState(model, optimizer, sampler=sampler, scheduler=lr_ramp, step=0, epoch=0)
 
 
-def report_plan_change(old, new):  # resume() calls it when this world's plan differs
-    if rank == 0:
+def report_plan_change(old, new):  # called when this world's plan differs from the last one
+    if dist.get_rank() == 0:
         print(f"PLAN world {old.world_size if old else '-'} -> {new.world_size}: global batch "
               f"{new.global_batch}, accum {new.accum_steps}, lr factor {new.lr_factor:g}",
               flush=True)
 
 
-state.on_plan_change(report_plan_change)
-os.makedirs(os.path.dirname(os.path.abspath(args.checkpoint)), exist_ok=True)
-if state.resume(args.checkpoint) and rank == 0:
-    print(f"RESUMED at step {state.step} epoch {state.epoch} world={world}", flush=True)
-lr_ramp.on_plan(plan, state.step)  # ramps only when this world's factor differs
-
-
-def micro_batches(batch):
-    """This rank's share in plan.accum_steps chunks. A share may be short or empty at the end
-    of an epoch; empty chunks still run, so every rank joins every all-reduce."""
+def micro_batches(batch, accum_steps):
+    """This rank's share in accum_steps chunks. A share may be short or empty at the end of an
+    epoch; empty chunks still run, so every rank joins every all-reduce."""
     x, y = batch if batch is not None else (features[:0], targets[:0])
-    return zip(x.tensor_split(plan.accum_steps), y.tensor_split(plan.accum_steps))
+    return zip(x.tensor_split(accum_steps), y.tensor_split(accum_steps))
 
 
 def commit_and_checkpoint():
@@ -86,36 +76,46 @@ def commit_and_checkpoint():
         state.save(args.checkpoint, asynchronous=True)
 
 
-while state.epoch < args.epochs:
-    sampler.set_epoch(state.epoch)  # a resumed epoch keeps its cursor
-    for batch in loader:  # one item: this rank's whole share of one optimizer step
-        step_batch = sampler.step_global_batch()  # G, or fewer on the epoch's last step
-        for g in optimizer.param_groups:
-            g["lr"] = BASE_LR * lr_ramp.factor(state.step)
-        step_loss = 0.0
-        chunks = list(micro_batches(batch))
-        for k, (x, y) in enumerate(chunks):
-            # Gradients are all-reduced once per step, on the last micro-batch.
-            with ddp.no_sync() if k < len(chunks) - 1 else nullcontext():
-                # A sum (0 for no samples, where a mean is NaN) weighted so that DDP's average
-                # over `world` ranks is the mean over the step's global batch.
-                loss = ((ddp(x) - y) ** 2).sum() * world / step_batch
-                loss.backward()
-            step_loss += loss.item()  # rank 0's estimate of the step's mean loss
-        optimizer.step()
-        optimizer.zero_grad()
-        sampler.advance()  # this step's samples are trained; commit() makes it stick
-        state.step += 1
-        if state.step % args.commit_every == 0:
-            commit_and_checkpoint()
-        if rank == 0:
-            print(f"STEP {time.time():.6f} step={state.step} world={world} loss={step_loss:.6f}",
-                  flush=True)
-        time.sleep(args.step_sleep)
-    state.epoch += 1
-    commit_and_checkpoint()
+def train(world):
+    """Entered once per world: after the start, and after every in-place change."""
+    rank, size, plan = dist.get_rank(), dist.get_world_size(), world.plan
+    ddp = DistributedDataParallel(model)
+    lr_ramp.on_plan(plan, state.step)  # ramps only when this world's factor differs
+    if rank == 0 and state.step > 0:
+        print(f"RESUMED at step {state.step} epoch {state.epoch} world={size}", flush=True)
+    while state.epoch < args.epochs:
+        sampler.set_epoch(state.epoch)  # a resumed epoch keeps its cursor
+        for batch in loader:  # one item: this rank's whole share of one optimizer step
+            step_batch = sampler.step_global_batch()  # G, or fewer on the epoch's last step
+            for g in optimizer.param_groups:
+                g["lr"] = BASE_LR * lr_ramp.factor(state.step)
+            step_loss = 0.0
+            chunks = list(micro_batches(batch, plan.accum_steps))
+            for k, (x, y) in enumerate(chunks):
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                with ddp.no_sync() if k < len(chunks) - 1 else nullcontext():
+                    # A sum (0 for no samples, where a mean is NaN) weighted so that DDP's
+                    # average over the ranks is the mean over the step's global batch.
+                    loss = ((ddp(x) - y) ** 2).sum() * size / step_batch
+                    loss.backward()
+                step_loss += loss.item()  # rank 0's estimate of the step's mean loss
+            optimizer.step()
+            optimizer.zero_grad()
+            sampler.advance()  # this step's samples are trained; commit() makes it stick
+            state.step += 1
+            if state.step % args.commit_every == 0:
+                commit_and_checkpoint()
+            if rank == 0:
+                print(f"STEP {time.time():.6f} step={state.step} world={size} "
+                      f"loss={step_loss:.6f}", flush=True)
+            time.sleep(args.step_sleep)
+            world.step_boundary(state)  # a pending new world: commit here and switch
+        state.epoch += 1
+        commit_and_checkpoint()
+    state.wait_for_save()  # raises if the last background write failed
+    if rank == 0:
+        print(f"DONE step={state.step} world={size}", flush=True)
 
-state.wait_for_save()  # raises if the last background write failed
-dist.destroy_process_group()
-if rank == 0:
-    print(f"DONE step={state.step} world={world}", flush=True)
+
+state.on_plan_change(report_plan_change)
+run(train, state, checkpoint=args.checkpoint)

@@ -96,6 +96,7 @@ class ElasticAgent:
             if self._signal is not None:
                 return 128 + self._signal
             self.membership.join()
+            self.events.emit("joined", cause="prewarmed" if self.workers.running else "start")
             self.store.watch(self._wake.set)
             self.peers.start()
             return self._loop()

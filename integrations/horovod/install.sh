@@ -40,12 +40,13 @@ find_cached_wheel() {
 # against a torch it was not built for and crash later).
 installed_from() {
     "$PYTHON" - <<'EOF' 2>/dev/null || true
-import json, importlib.metadata as md
+import json, os, urllib.parse, importlib.metadata as md
 try:
-    dist = md.distribution("horovod")
-    print(json.loads(dist.read_text("direct_url.json") or "{}").get("url", ""))
+    url = json.loads(md.distribution("horovod").read_text("direct_url.json") or "{}").get("url", "")
 except md.PackageNotFoundError:
-    pass
+    url = ""
+if url.startswith("file://"):
+    print(os.path.realpath(urllib.parse.unquote(url[len("file://"):])))
 EOF
 }
 
@@ -101,7 +102,7 @@ else
     wheel=$(find_cached_wheel)
 fi
 
-if [[ "$(installed_from)" == "file://$wheel" ]]; then
+if [[ "$(installed_from)" == "$(realpath "$wheel")" ]]; then
     say "already installed from $wheel; nothing to do"
 else
     say "installing $wheel"
@@ -110,4 +111,5 @@ else
     "$PYTHON" -m pip install "$wheel"   # its runtime dependencies (cloudpickle, psutil, ...)
 fi
 
-"$PYTHON" -c 'import horovod.torch as hvd; assert hvd.gloo_built(), "built without gloo"; print("[install-horovod] ok: horovod", hvd.__version__, "with gloo")'
+# horovod.torch has no __version__; the package version lives on horovod itself.
+"$PYTHON" -c 'import horovod, horovod.torch as hvd; assert hvd.gloo_built(), "built without gloo"; print("[install-horovod] ok: horovod", horovod.__version__, "with gloo")'

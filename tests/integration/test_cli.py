@@ -41,7 +41,7 @@ def test_example_trains_with_two_workers_on_the_embedded_etcd(tmp_path):
     assert code == 0, out[-3000:]
     assert "DONE world=2" in out
     assert (tmp_path / "logs" / "round1" / "rank1.log").read_text()
-    assert [e["event"] for e in read_events(tmp_path / "logs")] == ["rendezvous", "job_finished"]
+    assert [e["event"] for e in read_events(tmp_path / "logs")] == ["joined", "rendezvous", "job_finished"]
 
 
 @pytest.mark.parametrize("args, words", [

@@ -1,6 +1,5 @@
 """Plain torchrun with `--rdzv-backend elastic-etcd`: agents as separate processes on 127.0.0.1."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from .agents import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
-# Each worker appends one line per step to <out>/rank<RANK>.txt: "<world> <restart>" and stops
+# Each worker appends one line per step to <out>/rank<RANK>.txt, "<world> <group rank> <restart
+# count>", after checking an all-reduce across the world; it stops after <steps> steps (0: never) or
 # once the stop file exists (agreed by all-reduce, so no rank is left in a collective).
 SCRIPT = textwrap.dedent("""
     import os, sys, time
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
         dist.all_reduce(total)
         assert total.item() == world * (world + 1) / 2, total
         with open(os.path.join(out, f"rank{rank}.txt"), "a") as f:
-            f.write(f"{world} {os.environ['GROUP_RANK']}\\n")
+            f.write(f"{world} {os.environ['GROUP_RANK']} {os.environ['TORCHELASTIC_RESTART_COUNT']}\\n")
         step += 1
         done = torch.tensor([1.0 if (steps and step >= steps) or os.path.exists(stop_file) else 0.0])
         dist.all_reduce(done)
@@ -44,17 +44,19 @@ SCRIPT = textwrap.dedent("""
 class Torchrun:
     """One `python -m torch.distributed.run` agent (one node); output goes to <tmp>/<name>.out."""
 
-    def __init__(self, tmp_path, name, etcd, run_id, nnodes, script_args, rdzv_conf=""):
+    def __init__(self, tmp_path, name, etcd, run_id, nnodes, script_args, rdzv_conf="",
+                 max_restarts=0):
         self.out = tmp_path / f"{name}.out"
         args = ["--rdzv-backend", "elastic-etcd", "--rdzv-endpoint", etcd, "--rdzv-id", run_id,
-                "--nnodes", nnodes, "--nproc-per-node", "1", "--monitor-interval", "0.2"]
+                "--nnodes", nnodes, "--nproc-per-node", "1", "--monitor-interval", "0.2",
+                "--max-restarts", str(max_restarts)]
         if rdzv_conf:
             args += ["--rdzv-conf", rdzv_conf]
         with open(self.out, "wb") as sink:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", *args, *map(str, script_args)],
                 stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+                env=dict(os.environ, PYTHONPATH=str(REPO), LOGLEVEL="INFO"), start_new_session=True)
 
     def output(self) -> str:
         return self.out.read_text(errors="replace")
@@ -80,55 +82,76 @@ class Torchrun:
         self.proc.wait(10)
 
 
-def lines(out_dir, rank):
-    path = out_dir / f"rank{rank}.txt"
-    return path.read_text().splitlines() if path.exists() else []
+class Job:
+    """torchrun agents of one job, all running the script above into one output folder."""
+
+    def __init__(self, tmp_path, etcd, run_id):
+        self.tmp_path, self.etcd, self.run_id = tmp_path, etcd, run_id
+        self.script = tmp_path / "allreduce.py"
+        self.script.write_text(SCRIPT)
+        self.out = tmp_path / "out"
+        self.out.mkdir()
+        self.stop_file = tmp_path / "stop"
+        self.agents = []
+
+    def start(self, name, nnodes, steps, rdzv_conf="", max_restarts=0):
+        agent = Torchrun(self.tmp_path, name, self.etcd, self.run_id, nnodes,
+                         [self.script, self.out, self.stop_file, steps], rdzv_conf, max_restarts)
+        self.agents.append(agent)
+        return agent
+
+    def lines(self, rank):
+        """(world, group rank, restart count) of each step rank `rank` took."""
+        path = self.out / f"rank{rank}.txt"
+        text = path.read_text() if path.exists() else ""
+        return [tuple(int(x) for x in line.split()) for line in text.splitlines() if line]
 
 
 @pytest.fixture
 def job(tmp_path, etcd_endpoint, run_id):
-    script = tmp_path / "allreduce.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    agents = []
-
-    def start(name, nnodes, steps, rdzv_conf=""):
-        agents.append(Torchrun(tmp_path, name, etcd_endpoint, run_id, nnodes,
-                               [script, out, tmp_path / "stop", steps], rdzv_conf))
-        return agents[-1]
-
-    start.out, start.stop = out, tmp_path / "stop"
+    job = Job(tmp_path, etcd_endpoint, run_id)
     try:
-        yield start
+        yield job
     finally:
-        for agent in agents:
+        for agent in job.agents:
             agent.kill()
 
 
 def test_two_torchrun_agents_form_one_world(job):
-    a, b = job("a", "2", steps=5), job("b", "2", steps=5)
+    a, b = job.start("a", "2", steps=5), job.start("b", "2", steps=5)
     assert a.wait(90) == 0, a.output()
     assert b.wait(30) == 0, b.output()
     for rank in (0, 1):
-        seen = lines(job.out, rank)
-        assert len(seen) == 5, seen
-        assert {line.split()[0] for line in seen} == {"2"}
-    # One node per group rank: ranks 0 and 1 ran on different agents.
-    assert {lines(job.out, r)[0].split()[1] for r in (0, 1)} == {"0", "1"}
+        assert [world for world, _, _ in job.lines(rank)] == [2] * 5, job.lines(rank)
+    # One node per group rank: global ranks 0 and 1 ran under different agents.
+    assert {job.lines(r)[0][1] for r in (0, 1)} == {0, 1}
 
 
 def test_a_joining_agent_grows_the_world(job):
     conf = "last_call_timeout=0.5,join_settle=0.3"
-    a = job("a", "1:2", steps=0, rdzv_conf=conf)
-    wait_for(lambda: lines(job.out, 0), timeout=60, what="agent a training alone")
-    assert {line.split()[0] for line in lines(job.out, 0)} == {"1"}
-    b = job("b", "1:2", steps=0, rdzv_conf=conf)
-    wait_for(lambda: len(lines(job.out, 1)) >= 3, timeout=60, what="a world of two")
-    job.stop.touch()
+    a = job.start("a", "1:2", steps=0, rdzv_conf=conf)
+    wait_for(lambda: job.lines(0), timeout=60, what="agent a training alone")
+    b = job.start("b", "1:2", steps=0, rdzv_conf=conf)
+    wait_for(lambda: len(job.lines(1)) >= 3, timeout=60, what="a world of two")
+    job.stop_file.touch()
     assert a.wait(60) == 0, a.output()
     assert b.wait(30) == 0, b.output()
-    worlds = [int(line.split()[0]) for line in lines(job.out, 0)]
+    worlds = [world for world, _, _ in job.lines(0)]
     assert worlds[0] == 1 and worlds[-1] == 2 and worlds == sorted(worlds), worlds
-    # Growing is a membership change, not a worker failure: no restart was spent.
-    assert not re.search(r"attempts left", a.output() + b.output())
+    # Growing is a membership change torchrun learns from num_nodes_waiting, not a worker
+    # failure: no restart was spent (the default --max-restarts 0 would have ended the job).
+    assert "Detected 1 new nodes" in a.output()
+    assert {restarts for r in (0, 1) for _, _, restarts in job.lines(r)} == {0}
+
+
+def test_a_lost_agent_leaves_by_lease_expiry(job):
+    # Its peer's workers fail at once (gloo); with a restart to spend, the survivor's agent asks
+    # for a new round, and the round after the dead node's lease expired has it alone.
+    conf = "last_call_timeout=0.5,join_settle=0.3,lease_ttl=2"
+    a = job.start("a", "1:2", steps=0, rdzv_conf=conf, max_restarts=1)
+    b = job.start("b", "1:2", steps=0, rdzv_conf=conf, max_restarts=1)
+    wait_for(lambda: len(job.lines(1)) >= 3, timeout=60, what="a world of two")
+    b.kill()
+    wait_for(lambda: job.lines(0)[-1][0] == 1, timeout=60, what="agent a training alone")
+    job.stop_file.touch()
+    assert a.wait(60) == 0, a.output()
