@@ -265,13 +265,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
             # The workers do not need etcd; a blip must not end them. Look again next interval.
             log.warning("cannot check for waiting nodes: %s", exc)
             return 0
-        with _as_torch_errors():
-            if snap.outcome is not None or self._round is None:
-                return 0
-            waiting = self._waiting(snap)
-            if snap.round is None or snap.round.number != self._round.number:
-                return max(1, waiting)
-            return waiting
+        if snap.outcome is not None or self._round is None:
+            return 0  # an ended job shows in is_closed() and in the next rendezvous
+        waiting = self._waiting(snap)
+        if snap.round is None or snap.round.number != self._round.number:
+            return max(1, waiting)
+        return waiting
 
     def _waiting(self, snap: Snapshot) -> int:
         """Live nodes outside the current round that fit in it (the leader admits no more)."""

@@ -29,10 +29,12 @@ SCRIPT = textwrap.dedent("""
         total = torch.tensor([float(rank + 1)])
         dist.all_reduce(total)
         assert total.item() == world * (world + 1) / 2, total
+        restarts = os.environ["TORCHELASTIC_RESTART_COUNT"]
         with open(os.path.join(out, f"rank{rank}.txt"), "a") as f:
-            f.write(f"{world} {os.environ['GROUP_RANK']} {os.environ['TORCHELASTIC_RESTART_COUNT']}\\n")
+            f.write(f"{world} {os.environ['GROUP_RANK']} {restarts}\\n")
         step += 1
-        done = torch.tensor([1.0 if (steps and step >= steps) or os.path.exists(stop_file) else 0.0])
+        stop = (steps and step >= steps) or os.path.exists(stop_file)
+        done = torch.tensor([1.0 if stop else 0.0])
         dist.all_reduce(done)
         if done.item() > 0:
             break
