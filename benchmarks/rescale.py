@@ -1,72 +1,67 @@
-"""Rescale latency of this launcher against torchrun (c10d rendezvous), side by side.
+"""Rescale latency of this launcher, in place and in restart mode, against torchrun (c10d), side by side.
 
-Two scenarios per repetition, on examples/train.py slowed down with --step-sleep:
+One training script for all (benchmarks/rescale_train.py: DDP, ElasticState committed and
+checkpointed every 5 steps, 0.05 s of made-up compute per step, written with
+integrations.torch.run), one agent per "node", `--nnodes 1:2 --nproc-per-node 1`:
+
+  ours-inplace  python -m elastic.run --rescale-mode auto     (survivors switch in place; a joining
+                                                                node pre-warms its workers first)
+  ours-restart  python -m elastic.run --rescale-mode restart  (every change restarts the workers)
+  torchrun      python -m torch.distributed.run --rdzv-backend c10d
+
+Two scenarios per repetition:
 
   (a) scale-up:   agent A trains alone at world=1; agent B starts.
-                  figure = B's start -> first STEP line printed with world=2
+                  B start -> first STEP printed at world=2; for ours also B's `joined` event (the
+                  moment it registers in the rendezvous, after pre-warming) -> that STEP.
   (b) scale-down: A and B train at world=2; B and every process under it get SIGKILL.
-                  figure = the kill -> first STEP line printed with world=1
+                  the kill -> first STEP printed at world=1.
 
-Times come from the STEP lines the training script prints, not from either launcher. When a
-launcher's scale-up gives no world=2, its scale-down is measured on a new job whose A and B are
-started together (the table says so).
-Launchers alternate (ours, torchrun, ours, ...) for --reps repetitions. A wait that runs past
---timeout, or ends with an agent giving up on a timeout, is a hang; any other crash is a
-failure; both stay in the table and count as "no result" in the median.
+Times come from the lines the training script prints (ENTER/STEP with unix times), not from the
+launchers; the event log's `duration_s` is shown as a second opinion. Also per change:
+  recomputed  = (last step printed in the old world) - (the step the new world started from, i.e.
+                its first STEP's number minus one): steps trained twice. 0 when nothing was lost;
+                a restart that resumes from the checkpoint of step C after step L had been printed
+                recomputes L - C.
+  rank-0 pid  = whether rank 0 entered the new world in the process that ran the old one (ENTER).
+When a launcher's scale-up gives no world=2, its scale-down is measured on a new job whose A and B
+are started together (the table says so). Launchers alternate within each of --reps repetitions.
+A wait that runs past --timeout, or ends with an agent giving up on a timeout, is a hang; any other
+crash is a failure; both stay in the table and count as "no result" in the median.
 
-    python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours,torchrun]
+    python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours-inplace,ours-restart,torchrun]
 """
 
 import argparse
-import math
+import json
 import os
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rescale_train import Outcome, find_change, read_lines, report  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
-# Long enough never to finish inside one repetition; every repetition kills the job at its end.
-TRAIN_ARGS = ["--epochs", "100000", "--batch-size", "32", "--step-sleep", "0.05"]
+TRAIN_SCRIPT = REPO_ROOT / "benchmarks" / "rescale_train.py"
+TRAIN_ARGS = ["--commit-every", "5", "--step-sleep", "0.05"]  # the job never ends by itself
+LAUNCHERS = {"ours-inplace": "auto", "ours-restart": "restart", "torchrun": None}  # -> --rescale-mode
 POLL_S = 0.05
 ETCD_START_TIMEOUT_S = 30.0
 SETTLE_AT_WORLD_2_S = 2.0  # let the two-agent world train a little before killing B
-STEP_LINE = re.compile(r"STEP (\d+(?:\.\d+)?) step=\d+ world=(\d+)")
-SCENARIOS = {
-    "scale-up": "(a) scale-up 1 -> 2 agents: B started -> first step at world=2",
-    "scale-down": "(b) SIGKILL scale-down 2 -> 1 agents: B killed -> first step at world=1",
-}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One scenario of one repetition: a time, or a hang / failure and why."""
-
-    seconds: float | None = None
-    kind: str = "time"  # time, hang or failed
-    detail: str = ""
-    waited: float = 0.0  # for a hang or failure: how long the new world was waited for
-
-    def sort_key(self) -> float:
-        # A hang or failure means the user never saw a step in the new world: rank it after any time.
-        return self.seconds if self.seconds is not None else math.inf
-
-    def __str__(self) -> str:
-        if self.seconds is not None:
-            return f"{self.seconds:.2f} s" + (f" ({self.detail})" if self.detail else "")
-        return f"{self.kind} ({self.detail})"
+EVENT_GRACE_S = 1.0  # the event log is written by the agent just after the workers switched
 
 
 class NoResult(Exception):
@@ -127,18 +122,6 @@ def last_error(log: Path) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def read_steps(root: Path) -> list[tuple[float, int]]:
-    """(timestamp, world size) of every STEP line in any file under root, wherever the launcher put it."""
-    steps = []
-    for path in root.rglob("*"):
-        try:
-            text = path.read_text(errors="replace") if path.is_file() else ""
-        except OSError:  # a launcher's temp file that went away
-            continue
-        steps += [(float(ts), int(world)) for ts, world in STEP_LINE.findall(text)]
-    return steps
-
-
 class Run:
     """One repetition for one launcher: its agents, its log directory, its etcd if it needs one."""
 
@@ -146,8 +129,8 @@ class Run:
         self.launcher, self.dir, self.timeout = launcher, rep_dir, timeout
         self.dir.mkdir(parents=True)
         self.agents: dict[str, subprocess.Popen] = {}
-        self.etcd: subprocess.Popen | None = None
-        self.etcd_data: Path | None = None
+        self.etcd: Optional[subprocess.Popen] = None
+        self.etcd_data: Optional[Path] = None
         self.endpoint = ""
         self.job = ""  # which job of this repetition: "grow", or "pair" for a scale-down on a new job
 
@@ -195,33 +178,48 @@ class Run:
         raise Failed(f"etcd was not healthy after {ETCD_START_TIMEOUT_S:g} s")
 
     def command(self, name: str) -> list[str]:
+        script = [str(TRAIN_SCRIPT), "--checkpoint", str(self.dir / "ckpt" / f"{self.job}.ckpt"), *TRAIN_ARGS]
         if self.launcher == "torchrun":
             return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.rdzv_id,
-                    "--max-restarts", "3", "--monitor-interval", "0.1", str(TRAIN_SCRIPT), *TRAIN_ARGS]
+                    "--max-restarts", "3", "--monitor-interval", "0.1", *script]
         return [sys.executable, "-m", "elastic.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                 "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.rdzv_id,
                 "--rdzv-conf", "last_call_timeout=0.5", "--monitor-interval", "0.1",
-                "--log-dir", str(self.dir / f"{self.job}-agent-{name}-logs"), str(TRAIN_SCRIPT), *TRAIN_ARGS]
+                "--rescale-mode", LAUNCHERS[self.launcher], "--log-dir", str(self.log_dir(name)), *script]
 
     def agent_log(self, name: str) -> Path:
         return self.dir / f"{self.job}-agent-{name}.log"
 
+    def log_dir(self, name: str) -> Path:
+        return self.dir / f"{self.job}-agent-{name}-logs"
+
     def start_agent(self, name: str) -> float:
         """Start agent `name`; return time.time() taken just before it was spawned."""
         # TMPDIR keeps torchrun's own temp log folders inside this run's directory.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.dir)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.dir),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         with open(self.agent_log(name), "wb") as out:
             started = time.time()
             self.agents[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env,
                                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return started
 
+    def lines(self):
+        """What this job's training script printed, wherever its launcher put it."""
+        files = [p for p in self.dir.rglob("*") if p.is_file()
+                 and p.relative_to(self.dir).parts[0].startswith(f"{self.job}-")]
+        return read_lines(files)
+
+    def events(self, name: str) -> list[dict]:
+        path = self.log_dir(name) / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def wait_for_step(self, world: int, after: float) -> float:
         """Timestamp of the first STEP line at `world` printed at or after `after`."""
         began = time.monotonic()
         while time.monotonic() < began + self.timeout:
-            found = [ts for ts, w in read_steps(self.dir) if w == world and ts >= after]
+            found = [x.time for x in self.lines() if x.kind == "STEP" and x.world == world and x.time >= after]
             if found:
                 return min(found)
             for name, agent in self.agents.items():
@@ -236,6 +234,25 @@ class Run:
             time.sleep(POLL_S)
         raise Hang(f"no step in new world after {self.timeout:g} s", self.timeout)
 
+    def outcome(self, old: int, new: int, t0: float, note: str = "") -> Outcome:
+        """The figures of the change from world `old` to `new` that began at t0, from the lines."""
+        change = find_change(self.lines(), old, new, t0)
+        if change is None:
+            raise Failed(f"the step at world={new} seen earlier is no longer in the logs")
+        out = Outcome(seconds=change.first.time - t0, detail=note, recomputed=change.recomputed,
+                      same_pid=change.same_pid)
+        if self.launcher == "torchrun":
+            return out
+        if new > old:
+            joined = [e["time"] for e in self.events("B") if e["event"] == "joined" and e["time"] >= t0]
+            out = replace(out, from_joined=change.first.time - joined[0] if joined else None)
+        said = [e for e in self.events("A") if e["event"] == "rescale" and e["world_size"] == new
+                and e["time"] >= t0]
+        if said:
+            how = "in place" if said[0].get("in_place") else "restarted"
+            out = replace(out, launcher_says=f"{said[0]['duration_s']:.2f} s {how}")
+        return out
+
     @property
     def rdzv_id(self) -> str:
         return f"bench-{self.dir.name}-{self.job}"
@@ -248,7 +265,8 @@ class Run:
         elif self.etcd is None:
             self.start_etcd()
 
-    def scale_up(self) -> Outcome:
+    def scale_up(self) -> float:
+        """Grow from A alone to A and B; return B's start time."""
         self.new_job("grow")
         started_a = self.start_agent("A")
         try:
@@ -256,7 +274,8 @@ class Run:
         except Hang as exc:
             raise Failed(f"agent A alone never trained at world=1: {exc}", exc.waited) from None
         started_b = self.start_agent("B")
-        return Outcome(seconds=self.wait_for_step(world=2, after=started_b) - started_b)
+        self.wait_for_step(world=2, after=started_b)
+        return started_b
 
     def start_pair(self) -> None:
         """Start a new job with A and B together, for a scale-down when the scale-up gave no world=2."""
@@ -289,95 +308,44 @@ class Run:
             time.sleep(POLL_S)
         raise Failed(f"agent A did not listen on {self.endpoint} within {self.timeout:g} s")
 
-    def scale_down(self, note: str) -> Outcome:
+    def scale_down(self) -> float:
+        """SIGKILL B's whole tree at world 2; return the time of the kill."""
         time.sleep(SETTLE_AT_WORLD_2_S)
-        last_world = max(read_steps(self.dir), default=(0, None))[1]
-        if last_world != 2:
-            raise Failed(f"world did not stay at 2 before the kill (last step: world={last_world})")
+        steps = [x for x in self.lines() if x.kind == "STEP"]
+        if not steps or steps[-1].world != 2:
+            raise Failed(f"world did not stay at 2 before the kill (last step: {steps[-1] if steps else None})")
         killed = time.time()
         kill_tree(self.agents.pop("B"))
-        return Outcome(seconds=self.wait_for_step(world=1, after=killed) - killed, detail=note)
+        self.wait_for_step(world=1, after=killed)
+        return killed
 
     def measure(self) -> dict[str, Outcome]:
+        grown, note = None, ""
         try:
-            grown = self.scale_up()
+            started_b = self.scale_up()
         except NoResult as exc:
             grown = exc.outcome()
-        note = ""
         try:
-            if grown.seconds is None:
-                note = "from A and B started together, as scale-up gave no world=2"
+            if grown is not None:
+                note = "A and B started together, as scale-up gave no world=2"
                 self.start_pair()
-            shrunk = self.scale_down(note)
+            killed = self.scale_down()
+            time.sleep(EVENT_GRACE_S)
+            shrunk = self.outcome(2, 1, killed, note)
         except NoResult as exc:
             shrunk = exc.outcome(note)
-        return {"scale-up": grown, "scale-down": shrunk}
-
-
-@dataclass(frozen=True)
-class Median:
-    """The median of one launcher's repetitions. When it falls on a hang or failure there is no figure,
-    only, if some runs hung, a lower bound: the shortest of those waits."""
-
-    seconds: float | None
-    lower_bound: float | None = None
-
-    @classmethod
-    def of(cls, outcomes: list[Outcome]) -> "Median":
-        value = statistics.median(o.sort_key() for o in outcomes)
-        if not math.isinf(value):
-            return cls(value)
-        hangs = [o.waited for o in outcomes if o.kind == "hang"]
-        return cls(None, min(hangs) if hangs else None)
-
-    def __str__(self) -> str:
-        if self.seconds is not None:
-            return f"{self.seconds:.2f} s"
-        return f"no result (hang, >= {self.lower_bound:.0f} s)" if self.lower_bound else "no result (failed)"
-
-
-def ratio(ours: Median, torchrun: Median) -> str:
-    if ours.seconds is not None and torchrun.seconds is not None:
-        return f"{torchrun.seconds / ours.seconds:.2f}x"
-    if ours.seconds is not None and torchrun.lower_bound:
-        return f"> {torchrun.lower_bound / ours.seconds:.1f}x (torchrun hung; its {torchrun.lower_bound:.0f} s wait used)"
-    if torchrun.seconds is not None and ours.lower_bound:
-        return f"< {torchrun.seconds / ours.lower_bound:.2f}x (ours hung; its {ours.lower_bound:.0f} s wait used)"
-    return "n/a (no figure to compare)"
-
-
-def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float) -> None:
-    machine = f"{os.cpu_count()} cores, CPU only"
-    launchers = list(results)
-    print(f"\nMachine: {machine}. {reps} repetition(s), launchers alternated, each wait bounded at {timeout:g} s.")
-    summary = []
-    for scenario, title in SCENARIOS.items():
-        by_launcher = {name: [rep[scenario] for rep in results[name]] for name in launchers}
-        medians = {name: Median.of(by_launcher[name]) for name in launchers}
-        print(f"\n{title}")
-        print(f"{'rep':<8}{'launcher':<10}result")
-        for rep in range(reps):
-            for name in launchers:
-                print(f"{rep + 1:<8}{name:<10}{by_launcher[name][rep]}")
-        for name in launchers:
-            print(f"{'median':<8}{name:<10}{medians[name]}")
-        figures = ", ".join(f"{name} {medians[name]}" for name in launchers)
-        if len(launchers) == 2:
-            print(f"ratio torchrun/ours: {ratio(medians['ours'], medians['torchrun'])}")
-            figures += f", torchrun/ours {ratio(medians['ours'], medians['torchrun'])}"
-        summary.append(f"{scenario}: {figures}")
-    print(f"\nSUMMARY ({machine}, median of {reps} reps) " + "; ".join(summary))
+        return {"scale-up": grown or self.outcome(1, 2, started_b), "scale-down": shrunk}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for a step in a new world")
-    parser.add_argument("--launchers", default="ours,torchrun", help="comma list of: ours, torchrun")
+    parser.add_argument("--launchers", default=",".join(LAUNCHERS), help=f"comma list of: {', '.join(LAUNCHERS)}")
     args = parser.parse_args()
     launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
-    if not launchers or set(launchers) - {"ours", "torchrun"} or len(set(launchers)) != len(launchers):
-        parser.error("--launchers takes ours, torchrun or both, comma-separated")
+    if not launchers or set(launchers) - set(LAUNCHERS) or len(set(launchers)) != len(launchers):
+        parser.error(f"--launchers takes some of {', '.join(LAUNCHERS)}, comma-separated")
 
     log_root = Path(tempfile.mkdtemp(prefix="rescale-bench-"))
     print(f"Agent logs: {log_root}", flush=True)
@@ -387,7 +355,9 @@ def main() -> None:
             with Run(name, log_root / f"rep{rep}-{name}", args.timeout) as run:
                 outcome = run.measure()
             results[name].append(outcome)
-            print(f"rep {rep}/{args.reps} {name}: " + "; ".join(f"{k} {v}" for k, v in outcome.items()), flush=True)
+            print(f"rep {rep}/{args.reps} {name}: " + "; ".join(
+                f"{k} " + (" ".join(c for c in v.cells() if c) + (f" ({v.detail})" if v.detail else ""))
+                for k, v in outcome.items()), flush=True)
     report(results, args.reps, args.timeout)
 
 

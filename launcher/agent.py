@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from elastic.policy import ENV_LR_WARMUP_STEPS, BatchPolicy, BatchPolicyError
-from rendezvous.api import JobOutcome, RendezvousSettings, RendezvousTimeoutError, Round
+from rendezvous.api import (JobOutcome, RendezvousConnectionError, RendezvousSettings,
+                            RendezvousTimeoutError, Round)
 from rendezvous.decision import FailureReport
 from rendezvous.membership import Membership, new_node_id
 from rendezvous.store import EtcdStore, Snapshot
@@ -41,6 +42,7 @@ FINISH_GRACE_S = 60.0
 # Workers of the old world get this long to exit after SIGTERM before a restart kills them.
 RESTART_GRACE_S = 2.0
 RESCALE_MODES = ("auto", "restart", "in-place")
+ETCD_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class ElasticAgent:
         self._pending: Optional[Round] = None    # a round we are a member of, not yet applied
         self._awaiting: Optional[Round] = None   # pushed in place; waiting for "running"
         self._seen_rounds = 0
+        self._etcd_down_since: Optional[float] = None
 
     # -- entry point -----------------------------------------------------------------------
     def run(self) -> int:
@@ -118,20 +121,45 @@ class ElasticAgent:
         while True:
             if self._signal is not None:
                 return self._leave_on_signal(self._signal)
-            snap, action, wake_at = self.membership.step()
-            self.peers.update(snap)
-            if action is not None:
-                self._record_leader_action(action)
-            if snap.outcome is not None:
-                return self._finish(snap.outcome)
-            self._handle_messages(snap)
-            self._follow_round(snap)
-            self._check_workers(snap)
+            try:
+                snap, action, wake_at = self.membership.step()
+                if self._etcd_down_since is not None:
+                    self._etcd_back()
+                self.peers.update(snap)
+                if action is not None:
+                    self._record_leader_action(action)
+                if snap.outcome is not None:
+                    return self._finish(snap.outcome)
+                self._handle_messages(snap)
+                self._follow_round(snap)
+                self._check_workers(snap)
+            except RendezvousConnectionError as exc:
+                # Training goes on in the current world; rounds resume when etcd is back.
+                self._etcd_unreachable(exc)
+                self._wake.wait(ETCD_RETRY_S)
+                self._wake.clear()
+                continue
             timeout = self.config.monitor_interval
             if wake_at is not None:
                 timeout = max(0.0, min(timeout, wake_at - time.time()))
             self._wake.wait(timeout)
             self._wake.clear()
+
+    def _etcd_unreachable(self, exc: Exception) -> None:
+        if self._etcd_down_since is None:
+            self._etcd_down_since = time.time()
+            log.warning("etcd unreachable; the workers keep training in round %s: %s",
+                        self._round.number if self._round else None, exc)
+            self.events.emit("etcd_unreachable", round=self._round.number if self._round else None,
+                             cause=str(exc)[:200])
+
+    def _etcd_back(self) -> None:
+        down = time.time() - self._etcd_down_since
+        self.store.rewatch(self._wake.set)
+        self._etcd_down_since = None
+        log.warning("etcd is back after %.1f s", down)
+        self.events.emit("etcd_reconnected", round=self._round.number if self._round else None,
+                         duration_s=round(down, 3))
 
     # -- pre-warming ---------------------------------------------------------------------------
     def _should_prewarm(self) -> bool:

@@ -41,7 +41,12 @@ class RendezvousSettings:
     join_settle: joins that arrive within this window of the first waiting node are coalesced into
         one round, so that N nodes starting together cause one rescale, not N.
     lease_ttl: a node whose agent stops refreshing its lease for this long is removed.
-    max_restarts: worker failures the job survives; membership changes do not count.
+    max_restarts: worker failures the job survives; membership changes do not count (exact rules
+        in `rendezvous.decision`).
+    blacklist_after: a node whose own workers failed this many times is cooled down (left out of
+        new rounds); 0 turns blacklisting off.
+    blacklist_cooldown: how long a node's first cooldown lasts; each later one lasts twice as
+        long as the one before, up to blacklist_max_cooldown.
     """
 
     run_id: str
@@ -52,6 +57,9 @@ class RendezvousSettings:
     join_settle: float = 0.2
     lease_ttl: float = 10.0
     max_restarts: int = 0
+    blacklist_after: int = 2
+    blacklist_cooldown: float = 60.0
+    blacklist_max_cooldown: float = 3600.0
 
     def __post_init__(self) -> None:
         if not self.run_id or "/" in self.run_id:
@@ -70,6 +78,16 @@ class RendezvousSettings:
             raise ValueError(f"lease_ttl must be at least 1 second, got {self.lease_ttl}")
         if self.max_restarts < 0:
             raise ValueError(f"max restarts must not be negative, got {self.max_restarts}")
+        if self.blacklist_after < 0:
+            raise ValueError(f"blacklist_after must not be negative (0 turns blacklisting off), "
+                             f"got {self.blacklist_after}")
+        if self.blacklist_cooldown < 0:
+            raise ValueError(f"blacklist_cooldown must not be negative, got {self.blacklist_cooldown}")
+        if self.blacklist_max_cooldown < self.blacklist_cooldown:
+            raise ValueError(
+                f"blacklist_max_cooldown ({self.blacklist_max_cooldown:g}s) is below "
+                f"blacklist_cooldown ({self.blacklist_cooldown:g}s)"
+            )
 
 
 def _dumps(obj) -> str:
@@ -105,13 +123,30 @@ class Member:
 
 
 @dataclass(frozen=True)
+class BlacklistEntry:
+    """A node's record of worker failures, kept in the Round so that it outlives the leader.
+
+    strikes: failures attributed to the node since its last cooldown began.
+    excluded_until: when its latest cooldown ends (0.0: never cooled down).
+    exclusions: how many cooldowns it has served; the next one lasts twice as long.
+    """
+
+    node_id: str
+    strikes: int = 0
+    excluded_until: float = 0.0
+    exclusions: int = 0
+
+
+@dataclass(frozen=True)
 class Round:
     """One generation of the job, published by the leader at `round`.
 
     members are in rank order: survivors keep their order, newcomers are appended. A round with
     active=False means the job is waiting for nodes (below min): members run no workers.
     cause names what made the leader publish it; cause_time is when the leader observed it, so
-    agents can report how long the rescale took.
+    agents can report how long the rescale took. blacklist holds the strike records of nodes
+    whose workers failed (see `rendezvous.blacklist`), sorted by node id; every round carries it
+    over from the one before.
     """
 
     number: int
@@ -120,6 +155,7 @@ class Round:
     restart_count: int = 0
     cause: str = "start"
     cause_time: float = 0.0
+    blacklist: Tuple[BlacklistEntry, ...] = ()
 
     @property
     def node_ids(self) -> Tuple[str, ...]:
@@ -149,6 +185,8 @@ class Round:
     def from_json(cls, text) -> "Round":
         data = json.loads(text)
         data["members"] = tuple(Member(**m) for m in data["members"])
+        # Rounds written before blacklisting existed have no such field.
+        data["blacklist"] = tuple(BlacklistEntry(**e) for e in data.get("blacklist", ()))
         return cls(**data)
 
 

@@ -3,12 +3,32 @@
 Pure: no I/O and no clock of its own. The leader's executor (`rendezvous.membership`) builds a
 `View` from one etcd read, calls `decide`, and applies the returned decision with a
 compare-and-swap. Tests step it with hand-made views and times.
+
+--max-restarts N is a job-wide budget of worker failures: the job survives N of them in all,
+whichever nodes they happen on, and the next one fails it, naming the earliest report.
+- A worker failure is a round for which some node reported that a local worker process exited
+  non-zero (or, in place, that a collective failed) while no member left. The leader re-forms the
+  round once, with restart_count + 1, however many nodes report for it: a failing rank takes its
+  peers down in collectives and they report too.
+- Membership changes are free: joins, departures (SIGTERM, a preemption notice, a dead agent found
+  by a health probe, lease expiry), cooldowns and their end never change restart_count. A round
+  from which a member departed is a membership change even when reports came in for it, since a
+  dead node's peers fail in collectives.
+- restart_count lives in the Round, so a new leader continues the count; it is never reset.
+
+Blacklisting (`rendezvous.blacklist`) hangs off the same failures: each re-formed round gives a
+strike to the node with the earliest report; every blacklist_after strikes cool it down, and a
+cooling-down node is left out of rounds. Min nodes come first: a node is not cooled down when
+fewer than min_nodes other live, not cooling-down nodes would remain, and when departures leave
+the job short, cooling-down nodes (those whose cooldown ends first) are admitted early to keep
+it at min_nodes. Either way the node is named in `Publish.kept`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from . import blacklist
 from .api import JobOutcome, Member, NodeInfo, RendezvousSettings, Round
 
 
@@ -51,9 +71,14 @@ class Wait:
 
 @dataclass(frozen=True)
 class Publish:
+    """Publish `round`. excluded: nodes this round cools down; kept: nodes the blacklist would
+    leave out (they earned a cooldown, or are serving one) that were kept to hold min nodes."""
+
     round: Round
     departed: Tuple[str, ...] = ()
     joined: Tuple[str, ...] = ()
+    excluded: Tuple[str, ...] = ()
+    kept: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,13 +93,37 @@ def _member(info: NodeInfo) -> Member:
     return Member(node_id=info.node_id, host=info.host, nproc=info.nproc)
 
 
-def _newcomers(view: View, current: Sequence[str]) -> list:
-    waiting = [nid for nid in view.nodes if nid not in current]
-    return sorted(waiting, key=lambda nid: (view.first_seen.get(nid, view.now), nid))
+def _blacklist(view: View) -> blacklist.Blacklist:
+    return view.round.blacklist if view.round else ()
+
+
+def _since(view: View, nid: str) -> float:
+    return blacklist.eligible_since(_blacklist(view), nid, view.first_seen.get(nid, view.now),
+                                    view.now)
+
+
+def _newcomers(view: View, current: Sequence[str], cooling: Mapping[str, float]) -> list:
+    waiting = [nid for nid in view.nodes if nid not in current and nid not in cooling]
+    return sorted(waiting, key=lambda nid: (_since(view, nid), nid))
+
+
+def _keep_for_min(cooling: Mapping[str, float], short: int) -> list:
+    """Cooling-down nodes to admit early when the job is `short` of min nodes: those whose
+    cooldown ends first, and only if they are enough to reach min."""
+    if short <= 0 or len(cooling) < short:
+        return []
+    return sorted(cooling, key=lambda nid: (cooling[nid], nid))[:short]
+
+
+def _wake(wake_at: Optional[float], cooling: Mapping[str, float], kept=()) -> Wait:
+    """Wait until wake_at, or until a cooldown ends and its node becomes a newcomer."""
+    ends = [until for nid, until in cooling.items() if nid not in kept]
+    times = ([wake_at] if wake_at is not None else []) + ends
+    return Wait(wake_at=min(times) if times else None)
 
 
 def _next_round(view, members, *, active=True, cause, restart_count=None,
-                cause_time=None) -> Round:
+                cause_time=None, records=None) -> Round:
     prev = view.round
     return Round(
         number=(prev.number + 1) if prev else 1,
@@ -83,6 +132,7 @@ def _next_round(view, members, *, active=True, cause, restart_count=None,
         restart_count=restart_count if restart_count is not None else (prev.restart_count if prev else 0),
         cause=cause,
         cause_time=view.now if cause_time is None else cause_time,
+        blacklist=_blacklist(view) if records is None else records,
     )
 
 
@@ -91,16 +141,23 @@ def decide(view: View, settings: RendezvousSettings) -> Decision:
     if view.outcome is not None:
         return Wait()
     current = view.round
+    # Only live nodes outside the round can be left out of the next one.
+    members = current.node_ids if current else ()
+    cooling = {nid: until for nid, until in blacklist.cooling_down(_blacklist(view), view.now).items()
+               if nid in view.nodes and nid not in members}
     if current is None or not current.active:
-        return _decide_waiting(view, settings)
-    return _decide_running(view, settings, current)
+        return _decide_waiting(view, settings, cooling)
+    return _decide_running(view, settings, current, cooling)
 
 
-def _decide_waiting(view: View, settings: RendezvousSettings) -> Decision:
+def _decide_waiting(view: View, settings: RendezvousSettings,
+                    cooling: Dict[str, float]) -> Decision:
     """No workers run: start once enough nodes are here, or fail after join_timeout."""
     current = view.round
     survivors = [m for m in (current.members if current else ()) if m.node_id in view.nodes]
-    newcomers = _newcomers(view, [m.node_id for m in survivors])
+    newcomers = _newcomers(view, [m.node_id for m in survivors], cooling)
+    kept = _keep_for_min(cooling, settings.min_nodes - len(survivors) - len(newcomers))
+    newcomers += kept
     candidates = survivors + [_member(view.nodes[nid]) for nid in newcomers]
     count = len(candidates)
     waiting_since = current.cause_time if current else view.created_at
@@ -115,56 +172,46 @@ def _decide_waiting(view: View, settings: RendezvousSettings) -> Decision:
                 ),
                 exit_code=1,
             ))
-        return Wait(wake_at=deadline)
+        return _wake(deadline, cooling)
     cause = "start" if current is None else "node_joined"
     if count < settings.max_nodes:
         # Last call: wait a little after min is reached for more nodes, so that nodes started
         # together form one round instead of a string of rescales.
-        seen = sorted(view.first_seen.get(m.node_id, view.now) for m in candidates)
+        seen = sorted(_since(view, m.node_id) for m in candidates)
         window = settings.last_call_timeout if current is None else settings.join_settle
         ready_at = max(seen[settings.min_nodes - 1], waiting_since) + window
         if view.now < ready_at:
-            return Wait(wake_at=ready_at)
+            return _wake(ready_at, cooling, kept)
     members = candidates[: settings.max_nodes]
     return Publish(
-        _next_round(view, members, cause=cause),
+        _next_round(view, members, cause=cause,
+                    records=blacklist.cut_short(_blacklist(view), kept, view.now)),
         joined=tuple(nid for nid in newcomers if nid in {m.node_id for m in members}),
+        kept=tuple(kept),
     )
 
 
-def _decide_running(view: View, settings: RendezvousSettings, current: Round) -> Decision:
+def _decide_running(view: View, settings: RendezvousSettings, current: Round,
+                    cooling: Dict[str, float]) -> Decision:
     survivors = [m for m in current.members if m.node_id in view.nodes]
     departed = tuple(m.node_id for m in current.members if m.node_id not in view.nodes)
-    newcomers = _newcomers(view, current.node_ids)
+    newcomers = _newcomers(view, current.node_ids, cooling)
     room = settings.max_nodes - len(survivors)
     if departed:
-        joined = tuple(newcomers[: max(room, 0)])
+        joined = newcomers[: max(room, 0)]
+        kept = _keep_for_min(cooling, settings.min_nodes - len(survivors) - len(joined))
+        joined = tuple(joined + kept)
         members = survivors + [_member(view.nodes[nid]) for nid in joined]
-        if len(members) < settings.min_nodes:
-            return Publish(_next_round(view, members, active=False, cause="node_left"), departed=departed)
-        return Publish(_next_round(view, members, cause="node_left"), departed=departed, joined=joined)
+        records = blacklist.cut_short(_blacklist(view), kept, view.now)
+        if len(members) < settings.min_nodes:  # then nobody was kept: it would not help
+            return Publish(_next_round(view, members, active=False, cause="node_left"),
+                           departed=departed)
+        return Publish(_next_round(view, members, cause="node_left", records=records),
+                       departed=departed, joined=joined, kept=tuple(kept))
     if view.failures:
-        first = min(view.failures, key=lambda f: f.time)
-        if current.restart_count >= settings.max_restarts:
-            return Fail(JobOutcome(
-                status="failed",
-                reason=(
-                    f"{first.description} on node {first.node_id}; "
-                    f"max_restarts={settings.max_restarts} exhausted"
-                ),
-                node_id=first.node_id,
-                exit_code=first.exit_code or 1,
-                details={"traceback": first.traceback},
-            ))
-        joined = tuple(newcomers[: max(room, 0)])
-        members = survivors + [_member(view.nodes[nid]) for nid in joined]
-        return Publish(
-            _next_round(view, members, cause="worker_failed", cause_time=first.time,
-                        restart_count=current.restart_count + 1),
-            joined=joined,
-        )
+        return _decide_failure(view, settings, current, survivors, newcomers)
     if newcomers and room > 0:
-        first_join = min(view.first_seen.get(nid, view.now) for nid in newcomers)
+        first_join = min(_since(view, nid) for nid in newcomers)
         if view.now < first_join + settings.join_settle:
             return Wait(wake_at=first_join + settings.join_settle)
         joined = tuple(newcomers[:room])
@@ -172,4 +219,42 @@ def _decide_running(view: View, settings: RendezvousSettings, current: Round) ->
         # The rescale is timed from the join, so the coalescing window counts against it.
         return Publish(_next_round(view, members, cause="node_joined", cause_time=first_join),
                        joined=joined)
-    return Wait()
+    return _wake(None, cooling if room > 0 else {})
+
+
+def _decide_failure(view: View, settings: RendezvousSettings, current: Round,
+                    survivors: list, newcomers: list) -> Decision:
+    """Workers failed and no member left: re-form the round (one restart, one strike for the
+    first node to fail), or end the job when max_restarts is used up."""
+    first = min(view.failures, key=lambda f: (f.time, f.node_id))
+    if current.restart_count >= settings.max_restarts:
+        return Fail(JobOutcome(
+            status="failed",
+            reason=(
+                f"{first.description} on node {first.node_id}; "
+                f"max_restarts={settings.max_restarts} exhausted"
+            ),
+            node_id=first.node_id,
+            exit_code=first.exit_code or 1,
+            details={"traceback": first.traceback},
+        ))
+    culprit = first.node_id
+    records, due = blacklist.add_strike(current.blacklist, culprit, settings)
+    excluded, kept = (), ()
+    if due:
+        others = [m.node_id for m in survivors if m.node_id != culprit]
+        others += [nid for nid in newcomers if nid != culprit]
+        if len(others) >= settings.min_nodes:
+            records = blacklist.exclude(records, culprit, view.now, settings)
+            excluded = (culprit,)
+            survivors = [m for m in survivors if m.node_id != culprit]
+            newcomers = [nid for nid in newcomers if nid != culprit]
+        else:
+            kept = (culprit,)
+    joined = tuple(newcomers[: max(settings.max_nodes - len(survivors), 0)])
+    members = survivors + [_member(view.nodes[nid]) for nid in joined]
+    return Publish(
+        _next_round(view, members, cause="worker_failed", cause_time=first.time,
+                    restart_count=current.restart_count + 1, records=records),
+        joined=joined, excluded=excluded, kept=kept,
+    )

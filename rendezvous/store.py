@@ -198,6 +198,17 @@ class EtcdStore:
                 self._watch_id = self._client.add_watch_prefix_callback(
                     self._root, lambda _response: callback())
 
+    def rewatch(self, callback: Callable[[], None]) -> None:
+        """Watch again after an outage: the client drops a watch whose stream broke."""
+        with self._lock:
+            if self._watch_id is not None:
+                try:
+                    self._client.cancel_watch(self._watch_id)
+                except Exception:
+                    pass  # already gone with the broken stream
+                self._watch_id = None
+        self.watch(callback)
+
     def close(self) -> None:
         with self._lock:
             if self._watch_id is not None:

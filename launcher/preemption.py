@@ -1,0 +1,304 @@
+"""Preemption notices: learning that this node is about to be taken away, from whichever source says so first.
+
+Three sources, first notice wins:
+    sigterm   the agent's SIGTERM handler calls `NoticeWatcher.notify_signal`.
+    file      a path whose appearance is the notice (a cluster's drain hook can `touch` it); the
+              file's content, if any, is the detail. It is read when first seen, so a writer that
+              wants its text delivered should write elsewhere and rename onto the path.
+    metadata  an HTTP endpoint polled every `poll_interval`, read through a preset:
+        aws      GET .../latest/meta-data/spot/instance-action. 404 while no reclaim is scheduled;
+                 200 with {"action": "terminate"|"stop"|"hibernate", "time": "<UTC ISO 8601>"}
+                 once one is, about two minutes ahead. The deadline is "time". An unreadable time
+                 still counts as a notice (the action is what matters), with the default grace.
+        gce      GET .../computeMetadata/v1/instance/preempted, which only answers requests that
+                 carry `Metadata-Flavor: Google`. The body is FALSE until the instance is
+                 preempted, then TRUE; GCE states no time (it allows about 30 s).
+        generic  any URL: 200 with a non-empty body other than FALSE/false/0 is a notice whose
+                 detail is the body; such a body, 204 or 404 means no notice.
+      aws and gce carry their cloud's link-local URL, so choosing the preset enables polling;
+      generic polls only when given a URL.
+
+Every notice gets a deadline: the one the source states, else received_at + default_grace.
+
+A notice source that misbehaves (endpoint unreachable, 5xx, a body that fits no convention, a
+notice file that cannot be read) must not stop training: it costs one warning per distinct
+problem, repeated only when the problem changes or after the source recovered, and polling goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Callable, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_GRACE_S = 30.0
+# A metadata server answers in milliseconds; a slow one must not delay the next check for long.
+MAX_HTTP_TIMEOUT_S = 2.0
+MAX_DETAIL_BYTES = 4096
+
+SIGTERM, FILE, METADATA = "sigterm", "file", "metadata"
+
+ParseResult = Optional[Tuple[str, Optional[float]]]
+
+
+class MetadataResponseError(ValueError):
+    """A metadata response that fits none of its preset's conventions."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    source: str                 # SIGTERM | FILE | METADATA
+    detail: str                 # the file's content, the metadata's action and time, the signal
+    deadline: Optional[float]   # unix time by which the node goes away; None: unknown
+    received_at: float
+
+
+@dataclass(frozen=True)
+class MetadataPreset:
+    """How to poll one kind of metadata endpoint and read its answer."""
+    name: str
+    url: str                    # "" when the preset has no default endpoint
+    headers: Mapping[str, str]
+    parse: Callable[[int, bytes], ParseResult]   # (status, body) -> (detail, deadline) or None
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", "replace").strip()
+
+
+def _unexpected(status: int, body: bytes) -> MetadataResponseError:
+    return MetadataResponseError(f"unexpected answer HTTP {status}: {_text(body)[:80]!r}")
+
+
+def _utc_seconds(stamp: object) -> Optional[float]:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def parse_aws(status: int, body: bytes) -> ParseResult:
+    if status == 404:
+        return None
+    if status != 200:
+        raise _unexpected(status, body)
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise MetadataResponseError(f"instance-action is not JSON: {_text(body)[:80]!r}") from None
+    action = doc.get("action") if isinstance(doc, dict) else None
+    if not isinstance(action, str) or not action:
+        raise MetadataResponseError(f"instance-action has no action: {_text(body)[:80]!r}")
+    return f"{action} at {doc.get('time')}", _utc_seconds(doc.get("time"))
+
+
+def parse_gce(status: int, body: bytes) -> ParseResult:
+    answer = _text(body).upper()
+    if status != 200 or answer not in ("TRUE", "FALSE"):
+        raise _unexpected(status, body)
+    return ("preempted", None) if answer == "TRUE" else None
+
+
+def parse_generic(status: int, body: bytes) -> ParseResult:
+    if status in (204, 404):
+        return None
+    if status != 200:
+        raise _unexpected(status, body)
+    text = _text(body)
+    return None if text.lower() in ("", "false", "0") else (text, None)
+
+
+PRESETS: Dict[str, MetadataPreset] = {
+    "aws": MetadataPreset("aws", "http://169.254.169.254/latest/meta-data/spot/instance-action",
+                          MappingProxyType({}), parse_aws),
+    "gce": MetadataPreset("gce",
+                          "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
+                          MappingProxyType({"Metadata-Flavor": "Google"}), parse_gce),
+    "generic": MetadataPreset("generic", "", MappingProxyType({}), parse_generic),
+}
+
+
+def make_preset(name: str, url: Optional[str] = None) -> MetadataPreset:
+    """The preset called `name`, polling `url` instead of its default when given.
+
+    Raises:
+        ValueError: no preset has that name.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"--preemption-preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    return dataclasses.replace(PRESETS[name], url=url) if url else PRESETS[name]
+
+
+@dataclass(frozen=True)
+class NoticeConfig:
+    notice_file: Optional[str] = None      # --preemption-file
+    metadata_url: Optional[str] = None     # --preemption-url (overrides the preset's URL)
+    metadata_preset: str = "generic"       # --preemption-preset: aws | gce | generic
+    poll_interval: float = DEFAULT_POLL_INTERVAL_S   # --preemption-poll-interval
+    default_grace: float = DEFAULT_GRACE_S           # --preemption-grace
+
+    def __post_init__(self):
+        if self.notice_file is not None and not self.notice_file:
+            raise ValueError("--preemption-file is empty; pass a path or leave the flag out")
+        if not self.poll_interval > 0 or self.poll_interval == float("inf"):
+            raise ValueError(f"--preemption-poll-interval must be a positive number of seconds, "
+                             f"got {self.poll_interval}")
+        if not 0 <= self.default_grace < float("inf"):
+            raise ValueError(f"--preemption-grace must be zero or more seconds, "
+                             f"got {self.default_grace}")
+        make_preset(self.metadata_preset)
+        if self.metadata_url is not None:
+            try:
+                parts = urlsplit(self.metadata_url)
+                parts.port  # noqa: B018 (raises on a malformed port)
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"--preemption-url must be an http:// or https:// URL with a host, "
+                                 f"got {self.metadata_url!r}")
+
+    def metadata(self) -> Optional[MetadataPreset]:
+        """The endpoint to poll, or None when metadata polling is off."""
+        preset = make_preset(self.metadata_preset, self.metadata_url)
+        return preset if preset.url else None
+
+
+def fetch(url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, bytes]:
+    """GET url directly (no proxy from the environment: metadata servers are link-local)."""
+    parts = urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers=dict(headers))
+        response = conn.getresponse()
+        return response.status, response.read(MAX_DETAIL_BYTES)
+    finally:
+        conn.close()
+
+
+class NoticeWatcher:
+    """Polls the notice file and the metadata endpoint on a daemon thread, and hands the first
+    notice from any source (those two, or notify_signal) to on_notice, once."""
+
+    def __init__(self, config: NoticeConfig, on_notice: Callable[[Notice], None],
+                 clock: Callable[[], float] = time.time,
+                 warn: Callable[[str], None] = log.warning):
+        self.config = config
+        self._on_notice = on_notice
+        self._clock = clock
+        self._warn = warn
+        self._preset = config.metadata()
+        self._timeout = min(config.poll_interval, MAX_HTTP_TIMEOUT_S)
+        self._problems: Dict[str, Optional[str]] = {}
+        # notify_signal runs in a signal handler, possibly on a thread that holds this lock.
+        self._lock = threading.RLock()
+        self._notice: Optional[Notice] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="preemption-watch", daemon=True)
+
+    @property
+    def notice(self) -> Optional[Notice]:
+        """The notice that won, once there is one."""
+        return self._notice
+
+    def start(self) -> None:
+        """Start polling; without a notice file or a metadata endpoint there is nothing to poll."""
+        if self.config.notice_file is not None or self._preset is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._timeout + 1.0)
+
+    def notify_signal(self, signame: str) -> Notice:
+        """Turn a signal the agent received into a notice; returns the notice that won."""
+        return self._deliver(SIGTERM, signame, None)
+
+    def check_once(self) -> Optional[Notice]:
+        """Look at the file, then the endpoint; returns the notice that won, or None yet."""
+        if self._notice is not None:
+            return self._notice
+        if self.config.notice_file is not None:
+            detail = self._read_file(self.config.notice_file)
+            if detail is not None:
+                return self._deliver(FILE, detail, None)
+        if self._preset is not None:
+            found = self._poll(self._preset)
+            if found is not None:
+                return self._deliver(METADATA, found[0], found[1])
+        return None
+
+    def _read_file(self, path: str) -> Optional[str]:
+        try:
+            with open(path, "rb") as f:
+                content = f.read(MAX_DETAIL_BYTES)
+        except FileNotFoundError:
+            self._report(FILE, None)
+            return None
+        except OSError as exc:
+            self._report(FILE, f"preemption notice file {path} cannot be read ({exc}); "
+                               f"polling goes on; check --preemption-file")
+            return None
+        self._report(FILE, None)
+        return _text(content)
+
+    def _poll(self, preset: MetadataPreset) -> ParseResult:
+        try:
+            status, body = fetch(preset.url, preset.headers, self._timeout)
+            found = preset.parse(status, body)
+        except (OSError, http.client.HTTPException) as exc:
+            problem = f"cannot reach it ({str(exc) or type(exc).__name__})"
+        except MetadataResponseError as exc:
+            problem = str(exc)
+        else:
+            self._report(METADATA, None)
+            return found
+        self._report(METADATA, f"preemption metadata endpoint {preset.url} ({preset.name}): "
+                               f"{problem}; polling goes on; check --preemption-url and "
+                               f"--preemption-preset")
+        return None
+
+    def _report(self, source: str, problem: Optional[str]) -> None:
+        last = self._problems.get(source)
+        self._problems[source] = problem
+        if problem is not None and problem != last:
+            self._warn(problem)
+        elif problem is None and last is not None:
+            log.info("preemption %s source works again", source)
+
+    def _deliver(self, source: str, detail: str, deadline: Optional[float]) -> Notice:
+        received_at = self._clock()
+        notice = Notice(source, detail, deadline if deadline is not None
+                        else received_at + self.config.default_grace, received_at)
+        with self._lock:
+            if self._notice is not None:
+                return self._notice
+            self._notice = notice
+        try:
+            self._on_notice(notice)
+        except Exception:  # the notice stands; a broken callback must not kill the watcher
+            log.exception("preemption notice handler failed for %s", notice)
+        return notice
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.check_once() is not None:
+                return
+            self._stop.wait(self.config.poll_interval)
