@@ -47,6 +47,7 @@ class RunConfig:
     argv: Tuple[str, ...]
     batch_policy: object = None  # elastic.policy.BatchPolicy
     rescale_mode: str = "auto"
+    hang_timeout: Optional[float] = None
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(scripts using integrations.torch.run: survivors keep running, joining "
                         "nodes pre-warm their workers); auto (default) switches to in place once "
                         "the workers use the API")
+    p.add_argument("--hang-timeout", type=float, default=None,
+                   help="seconds without step progress after which a worker counts as hung: its "
+                        "stacks are dumped to its log, it is killed and the round re-forms "
+                        "(counted against --max-restarts). Workers using integrations.torch.run "
+                        "report progress at each step boundary; others are not watched")
     p.add_argument("--batch-policy", choices=["fixed", "linear", "sqrt", "adascale"], default=None,
                    help="how the global batch and learning rate follow the world size: fixed "
                         "(constant global batch via micro-batches and accumulation; the default "
@@ -181,6 +187,11 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts must not be negative, got {args.max_restarts}")
+    if args.hang_timeout is not None and args.hang_timeout <= 0:
+        raise UsageError("--hang-timeout must be positive (seconds without progress)")
+    if args.hang_timeout is not None and args.rescale_mode == "restart":
+        raise UsageError("--hang-timeout watches workers that report progress through the "
+                         "in-place API; it cannot work with --rescale-mode restart")
     if args.monitor_interval <= 0:
         raise UsageError("--monitor-interval must be positive")
     if args.standalone and args.rdzv_endpoint:
@@ -199,6 +210,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
     return RunConfig(
         batch_policy=_batch_policy(args, low, high), rescale_mode=args.rescale_mode,
+        hang_timeout=args.hang_timeout,
         min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
         run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
@@ -285,7 +297,8 @@ def run(config: RunConfig) -> int:
                                          monitor_interval=config.monitor_interval,
                                          master_port=config.master_port,
                                          batch_policy=config.batch_policy,
-                                         rescale_mode=config.rescale_mode),
+                                         rescale_mode=config.rescale_mode,
+                                         hang_timeout=config.hang_timeout),
                              store, events_path=events)
         return agent.run()
     finally:

@@ -13,6 +13,7 @@ and leave on SIGINT/SIGTERM. A round is applied in one of two ways:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -43,6 +44,7 @@ FINISH_GRACE_S = 60.0
 RESTART_GRACE_S = 2.0
 RESCALE_MODES = ("auto", "restart", "in-place")
 ETCD_RETRY_S = 0.5
+STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stacks before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,14 @@ class AgentConfig:
     master_port: Optional[int] = None  # rank-0 store port when this node holds rank 0
     batch_policy: Optional[BatchPolicy] = None  # its plan for each round goes to the workers' env
     rescale_mode: str = "auto"  # auto: in place once the workers use the API, else restart
+    hang_timeout: Optional[float] = None  # kill in-place workers with no progress for this long
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def free_port(host: str) -> int:
@@ -88,6 +98,7 @@ class ElasticAgent:
         self._awaiting: Optional[Round] = None   # pushed in place; waiting for "running"
         self._seen_rounds = 0
         self._etcd_down_since: Optional[float] = None
+        self._hung: dict = {}  # pid -> why it was killed as hung
 
     # -- entry point -----------------------------------------------------------------------
     def run(self) -> int:
@@ -132,6 +143,7 @@ class ElasticAgent:
                     return self._finish(snap.outcome)
                 self._handle_messages(snap)
                 self._follow_round(snap)
+                self._check_hangs()
                 self._check_workers(snap)
             except RendezvousConnectionError as exc:
                 # Training goes on in the current world; rounds resume when etcd is back.
@@ -308,6 +320,26 @@ class ElasticAgent:
             node_id=self.node_id, time=time.time(), description=msg.get("error", "collective failed"),
             exit_code=1, traceback=msg.get("traceback", "")))
 
+    def _check_hangs(self) -> None:
+        """A worker that makes no progress for --hang-timeout is killed (after its stacks are
+        dumped to its log); the next poll sees the failure and the round is re-formed."""
+        if not self.config.hang_timeout or self.in_place is None or not self.workers.running:
+            return
+        pids = self.workers.pids
+        for local_rank, idle in self.in_place.stalled(self.config.hang_timeout):
+            pid = pids[local_rank]
+            rnd = self._round
+            self._hung[pid] = f"no progress for {idle:.1f} s (--hang-timeout {self.config.hang_timeout:g})"
+            self.events.emit("worker_hung", round=rnd.number if rnd else None,
+                             world_size=rnd.world_size if rnd else 0,
+                             members=list(rnd.node_ids) if rnd else [], cause="hang",
+                             local_rank=local_rank, pid=pid, idle_s=round(idle, 3))
+            log.warning("worker pid %d (local rank %d) made no progress for %.1f s; dumping its "
+                        "stacks and killing it", pid, local_rank, idle)
+            _signal_pid(pid, signal.SIGUSR1)
+            time.sleep(STACK_DUMP_WAIT_S)
+            _signal_pid(pid, signal.SIGKILL)
+
     def _check_workers(self, snap: Snapshot) -> None:
         if self._round is None or not self.workers.running:
             return
@@ -324,12 +356,14 @@ class ElasticAgent:
                          members=list(rnd.node_ids), cause="exit", rank=failure.rank,
                          exit_code=failure.exitcode, pid=failure.pid)
         self._stop_workers(grace=RESTART_GRACE_S)
+        hung = self._hung.pop(failure.pid, None)
         # A peer's death shows up here as a collective error. If a peer is dead, removing it is
         # a membership change, not a failure of ours, and costs no restart.
-        if self.peers.remove_dead(snap, among=rnd.node_ids):
+        if hung is None and self.peers.remove_dead(snap, among=rnd.node_ids):
             return
+        description = f"rank {failure.rank} hung: {hung}" if hung else failure.describe()
         self.membership.report_failure(rnd.number, FailureReport(
-            node_id=self.node_id, time=failure.time, description=failure.describe(),
+            node_id=self.node_id, time=failure.time, description=description,
             exit_code=failure.exitcode if failure.exitcode > 0 else 1,
             traceback=failure.traceback))
 

@@ -6,6 +6,7 @@ ELASTIC_AGENT_ADDR and exchange newline-delimited JSON messages:
     worker -> agent   {"type": "hello", "local_rank": k, "pid": p}     on connect
                       {"type": "ready"}                                 waiting for a round (standby)
                       {"type": "running", "round": n}                   running in round n's world
+                      {"type": "progress", "steps": k}                  passed step boundaries (throttled)
                       {"type": "collective_failed", "round": n, "error": "...", "traceback": "..."}
     agent -> worker   {"type": "round", "round": n, "member": bool, "rank": ..., ...}
                       {"type": "leave"}                                 finish at the next boundary

@@ -1,7 +1,9 @@
 """The agent's bookkeeping for in-place workers: who said hello, who is ready or running where,
-and the round messages they are sent (over launcher.control)."""
+when each last made progress (for hang detection), and the round messages they are sent (over
+launcher.control)."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from .control import ControlServer
@@ -17,6 +19,8 @@ class InPlaceWorkers:
         self._hello: Dict[int, int] = {}     # local rank -> pid
         self._ready: set = set()
         self._running: Dict[int, int] = {}   # local rank -> round it runs in
+        self._progress: Dict[int, float] = {}  # local rank -> last sign of progress (running)
+        self._clock = time.time
 
     @property
     def env(self) -> Dict[str, str]:
@@ -28,6 +32,7 @@ class InPlaceWorkers:
         self._hello.clear()
         self._ready.clear()
         self._running.clear()
+        self._progress.clear()
 
     def drain(self, pids: Sequence[int]) -> List[Tuple[int, dict]]:
         """Messages from the current workers (by pid), with the bookkeeping applied."""
@@ -43,10 +48,23 @@ class InPlaceWorkers:
             elif kind == "ready":
                 self._ready.add(local_rank)
                 self._running.pop(local_rank, None)
+                self._progress.pop(local_rank, None)
             elif kind == "running":
                 self._ready.discard(local_rank)
                 self._running[local_rank] = int(msg["round"])
+                self._progress[local_rank] = self._clock()
+            elif kind == "progress" and local_rank in self._progress:
+                self._progress[local_rank] = self._clock()
             out.append((local_rank, msg))
+        return out
+
+    def stalled(self, timeout: float) -> List[Tuple[int, float]]:
+        """(local rank, seconds idle) of running workers with no progress for `timeout`; each is
+        reported once (it is killed and replaced, so its clock is dropped)."""
+        now = self._clock()
+        out = [(k, now - t) for k, t in self._progress.items() if now - t > timeout]
+        for local_rank, _ in out:
+            del self._progress[local_rank]
         return out
 
     def capable(self, pids: Sequence[int]) -> bool:

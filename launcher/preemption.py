@@ -1,28 +1,26 @@
-"""Preemption notices: learning that this node is about to be taken away, from whichever source says so first.
+"""Preemption notices: word that this node is about to be taken away, from any of three sources.
 
-Three sources, first notice wins:
+Sources (the first notice wins):
     sigterm   the agent's SIGTERM handler calls `NoticeWatcher.notify_signal`.
-    file      a path whose appearance is the notice (a cluster's drain hook can `touch` it); the
-              file's content, if any, is the detail. It is read when first seen, so a writer that
-              wants its text delivered should write elsewhere and rename onto the path.
+    file      a path whose appearance is the notice (a drain hook can `touch` it); its content, if
+              any, is the detail. It is read when first seen: write elsewhere and rename onto it.
     metadata  an HTTP endpoint polled every `poll_interval`, read through a preset:
-        aws      GET .../latest/meta-data/spot/instance-action. 404 while no reclaim is scheduled;
-                 200 with {"action": "terminate"|"stop"|"hibernate", "time": "<UTC ISO 8601>"}
-                 once one is, about two minutes ahead. The deadline is "time". An unreadable time
-                 still counts as a notice (the action is what matters), with the default grace.
-        gce      GET .../computeMetadata/v1/instance/preempted, which only answers requests that
-                 carry `Metadata-Flavor: Google`. The body is FALSE until the instance is
-                 preempted, then TRUE; GCE states no time (it allows about 30 s).
-        generic  any URL: 200 with a non-empty body other than FALSE/false/0 is a notice whose
-                 detail is the body; such a body, 204 or 404 means no notice.
-      aws and gce carry their cloud's link-local URL, so choosing the preset enables polling;
-      generic polls only when given a URL.
+        aws      .../latest/meta-data/spot/instance-action answers 404 until a reclaim is
+                 scheduled (about two minutes ahead), then 200 with JSON {"action": terminate,
+                 stop or hibernate, "time": UTC ISO 8601}; "time" is the deadline. An unreadable
+                 time still counts as a notice (the action is what matters).
+        gce      .../computeMetadata/v1/instance/preempted answers only requests carrying
+                 `Metadata-Flavor: Google`: FALSE, then TRUE once preempted. No time is stated
+                 (GCE allows about 30 s).
+        generic  200 with a non-empty body other than false (any case) or 0 is a notice, the body its
+                 detail; such a body, 204 or 404 is none.
+      aws and gce carry their cloud's link-local URL, so choosing one enables polling; generic
+      polls only when given a URL.
+A notice without a stated deadline gets received_at + default_grace.
 
-Every notice gets a deadline: the one the source states, else received_at + default_grace.
-
-A notice source that misbehaves (endpoint unreachable, 5xx, a body that fits no convention, a
-notice file that cannot be read) must not stop training: it costs one warning per distinct
-problem, repeated only when the problem changes or after the source recovered, and polling goes on.
+A misbehaving source (unreachable endpoint, 5xx, a body that fits no convention, an unreadable
+notice file) must not stop training: one warning per distinct problem, repeated only when the
+problem changes or after the source recovered, and polling goes on.
 """
 from __future__ import annotations
 
@@ -81,15 +79,11 @@ def _unexpected(status: int, body: bytes) -> MetadataResponseError:
 
 
 def _utc_seconds(stamp: object) -> Optional[float]:
-    if not isinstance(stamp, str):
-        return None
     try:
-        when = datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
+        when = datetime.fromisoformat(str(stamp).strip().replace("Z", "+00:00"))
     except ValueError:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def parse_aws(status: int, body: bytes) -> ParseResult:
@@ -144,6 +138,15 @@ def make_preset(name: str, url: Optional[str] = None) -> MetadataPreset:
     return dataclasses.replace(PRESETS[name], url=url) if url else PRESETS[name]
 
 
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 @dataclass(frozen=True)
 class NoticeConfig:
     notice_file: Optional[str] = None      # --preemption-file
@@ -153,24 +156,18 @@ class NoticeConfig:
     default_grace: float = DEFAULT_GRACE_S           # --preemption-grace
 
     def __post_init__(self):
-        if self.notice_file is not None and not self.notice_file:
+        if self.notice_file == "":
             raise ValueError("--preemption-file is empty; pass a path or leave the flag out")
-        if not self.poll_interval > 0 or self.poll_interval == float("inf"):
+        if not 0 < self.poll_interval < float("inf"):
             raise ValueError(f"--preemption-poll-interval must be a positive number of seconds, "
                              f"got {self.poll_interval}")
         if not 0 <= self.default_grace < float("inf"):
             raise ValueError(f"--preemption-grace must be zero or more seconds, "
                              f"got {self.default_grace}")
         make_preset(self.metadata_preset)
-        if self.metadata_url is not None:
-            try:
-                parts = urlsplit(self.metadata_url)
-                parts.port  # noqa: B018 (raises on a malformed port)
-            except ValueError:
-                parts = None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"--preemption-url must be an http:// or https:// URL with a host, "
-                                 f"got {self.metadata_url!r}")
+        if self.metadata_url is not None and not _is_http_url(self.metadata_url):
+            raise ValueError(f"--preemption-url must be an http:// or https:// URL with a host, "
+                             f"got {self.metadata_url!r}")
 
     def metadata(self) -> Optional[MetadataPreset]:
         """The endpoint to poll, or None when metadata polling is off."""
@@ -206,7 +203,8 @@ class NoticeWatcher:
         self._preset = config.metadata()
         self._timeout = min(config.poll_interval, MAX_HTTP_TIMEOUT_S)
         self._problems: Dict[str, Optional[str]] = {}
-        # notify_signal runs in a signal handler, possibly on a thread that holds this lock.
+        # notify_signal runs in a signal handler, which may interrupt this very thread inside
+        # _deliver: reentrant, so that cannot deadlock.
         self._lock = threading.RLock()
         self._notice: Optional[Notice] = None
         self._stop = threading.Event()
@@ -228,7 +226,8 @@ class NoticeWatcher:
             self._thread.join(timeout=self._timeout + 1.0)
 
     def notify_signal(self, signame: str) -> Notice:
-        """Turn a signal the agent received into a notice; returns the notice that won."""
+        """Turn a signal the agent received into a notice; returns the notice that won. Safe in
+        a signal handler, where on_notice then runs too."""
         return self._deliver(SIGTERM, signame, None)
 
     def check_once(self) -> Optional[Notice]:
@@ -246,34 +245,30 @@ class NoticeWatcher:
         return None
 
     def _read_file(self, path: str) -> Optional[str]:
+        content = problem = None
         try:
             with open(path, "rb") as f:
-                content = f.read(MAX_DETAIL_BYTES)
+                content = _text(f.read(MAX_DETAIL_BYTES))
         except FileNotFoundError:
-            self._report(FILE, None)
-            return None
+            pass
         except OSError as exc:
-            self._report(FILE, f"preemption notice file {path} cannot be read ({exc}); "
-                               f"polling goes on; check --preemption-file")
-            return None
-        self._report(FILE, None)
-        return _text(content)
+            problem = (f"preemption notice file {path} cannot be read ({exc}); polling goes on; "
+                       f"check --preemption-file")
+        self._report(FILE, problem)
+        return content
 
     def _poll(self, preset: MetadataPreset) -> ParseResult:
+        found = problem = None
         try:
-            status, body = fetch(preset.url, preset.headers, self._timeout)
-            found = preset.parse(status, body)
+            found = preset.parse(*fetch(preset.url, preset.headers, self._timeout))
         except (OSError, http.client.HTTPException) as exc:
             problem = f"cannot reach it ({str(exc) or type(exc).__name__})"
         except MetadataResponseError as exc:
             problem = str(exc)
-        else:
-            self._report(METADATA, None)
-            return found
-        self._report(METADATA, f"preemption metadata endpoint {preset.url} ({preset.name}): "
-                               f"{problem}; polling goes on; check --preemption-url and "
-                               f"--preemption-preset")
-        return None
+        self._report(METADATA, problem and (
+            f"preemption metadata endpoint {preset.url} ({preset.name}): {problem}; polling goes "
+            f"on; check --preemption-url and --preemption-preset"))
+        return found
 
     def _report(self, source: str, problem: Optional[str]) -> None:
         last = self._problems.get(source)

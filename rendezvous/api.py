@@ -82,7 +82,8 @@ class RendezvousSettings:
             raise ValueError(f"blacklist_after must not be negative (0 turns blacklisting off), "
                              f"got {self.blacklist_after}")
         if self.blacklist_cooldown < 0:
-            raise ValueError(f"blacklist_cooldown must not be negative, got {self.blacklist_cooldown}")
+            raise ValueError(
+                f"blacklist_cooldown must not be negative, got {self.blacklist_cooldown}")
         if self.blacklist_max_cooldown < self.blacklist_cooldown:
             raise ValueError(
                 f"blacklist_max_cooldown ({self.blacklist_max_cooldown:g}s) is below "

@@ -143,7 +143,8 @@ def decide(view: View, settings: RendezvousSettings) -> Decision:
     current = view.round
     # Only live nodes outside the round can be left out of the next one.
     members = current.node_ids if current else ()
-    cooling = {nid: until for nid, until in blacklist.cooling_down(_blacklist(view), view.now).items()
+    cooling = blacklist.cooling_down(_blacklist(view), view.now)
+    cooling = {nid: until for nid, until in cooling.items()
                if nid in view.nodes and nid not in members}
     if current is None or not current.active:
         return _decide_waiting(view, settings, cooling)

@@ -9,10 +9,13 @@ standby, or exits when its agent is leaving.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import socket
 import threading
+import time
 import traceback
 from datetime import timedelta
 from typing import Optional
@@ -24,6 +27,8 @@ from elastic.policy import BatchPlan
 
 ENV_AGENT_ADDR = "ELASTIC_AGENT_ADDR"
 DEFAULT_PG_TIMEOUT = timedelta(seconds=60)
+# Progress reports to the agent (for --hang-timeout) are sent at most this often.
+PROGRESS_INTERVAL_S = 0.5
 
 
 class WorldChanged(Exception):
@@ -105,6 +110,10 @@ class ElasticWorld:
         self.channel = AgentChannel.from_env()
         self.round = 0
         self.plan: Optional[BatchPlan] = None
+        self._steps, self._reported_at = 0, 0.0
+        if self.channel is not None:
+            # The agent asks for our stacks (SIGUSR1) before it kills us as hung.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     @property
     def in_place(self) -> bool:
@@ -169,9 +178,17 @@ class ElasticWorld:
     def step_boundary(self, state) -> None:
         """Call after every optimizer step, on every rank. When a new world is pending, commit
         `state` (nothing is lost: the old world still works) and raise WorldChanged."""
+        self._report_progress()
         if self.change_pending():
             state.commit()
             raise WorldChanged()
+
+    def _report_progress(self) -> None:
+        self._steps += 1
+        now = time.monotonic()
+        if self.channel is not None and now - self._reported_at >= PROGRESS_INTERVAL_S:
+            self._reported_at = now
+            self.channel.send({"type": "progress", "steps": self._steps})
 
     def reconfigure(self) -> None:
         """Leave the old process group and enter the next round's (after a boundary everyone

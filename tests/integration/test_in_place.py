@@ -44,3 +44,28 @@ def test_peer_killed_inside_an_allreduce_survivors_resume_without_restart(
             if e["event"] == "rescale" and e["node"] == events[0]["node"]] == [4, 2]
     assert not [e for e in events if e["event"] == "worker_failed" and e["cause"] == "exit"]
     assert processes_with_mark(mark) == []
+
+
+def test_a_hung_rank_is_dumped_killed_and_the_job_reforms(tmp_path, etcd_endpoint, run_id):
+    mark, stop, logs = new_mark(), tmp_path / "stop", tmp_path / "logs"
+    agent = Agent(["--nproc-per-node", "2", "--rdzv-endpoint", etcd_endpoint, "--rdzv-id", run_id,
+                   "--hang-timeout", "3", "--max-restarts", "1", "--log-dir", logs,
+                   SCRIPT, "--stop-file", stop, "--hang-at", "30"], tmp_path, "a", mark)
+    try:
+        wait_for(lambda: any(e["event"] == "worker_hung" for e in read_events(logs)),
+                 timeout=60, what="the hang to be detected")
+        wait_for(lambda: any(e["event"] == "rescale" for e in read_events(logs)),
+                 timeout=60, what="the job re-formed")
+        stop.touch()
+        assert agent.wait(60) == 0, agent.output()[-3000:]
+    finally:
+        agent.stop()
+    out = agent.output()
+    hung = [e for e in read_events(logs) if e["event"] == "worker_hung"]
+    # Rank 0 waits for rank 1 inside an all-reduce, so it stalls too; both are replaced.
+    assert 1 in {e["local_rank"] for e in hung} and all(e["idle_s"] > 3 for e in hung)
+    # Its stacks were dumped to its log before it was killed: the frame it hung in is named.
+    assert "in stuck_forever" in out
+    rescale = [e for e in read_events(logs) if e["event"] == "rescale"]
+    assert rescale[0]["restart_count"] == 1 and rescale[0]["cause"] == "worker_failed"
+    assert processes_with_mark(mark) == []

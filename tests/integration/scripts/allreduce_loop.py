@@ -1,10 +1,11 @@
 """Back-to-back large all-reduces, so that a peer killed at any moment dies inside one.
 
 Prints `ITER <n> world=<W> rank=<R> pid=<pid>` every 10 iterations; stops (all ranks at the same
-iteration) once --stop-file exists.
+iteration) once --stop-file exists. With --hang-at N, rank 1 hangs at iteration N (first attempt).
 """
 import argparse
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -15,11 +16,18 @@ from integrations.torch.run import run
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--stop-file", required=True)
+parser.add_argument("--hang-at", type=int, default=0,
+                    help="rank 1 of the first attempt stops making progress at this iteration")
 args = parser.parse_args()
 
 model = torch.nn.Linear(2, 2)
 state = ElasticState(model, iteration=0)
 payload = torch.ones(2_000_000)
+
+
+def stuck_forever():
+    while True:
+        time.sleep(1)
 
 
 def train(world):
@@ -28,6 +36,9 @@ def train(world):
         dist.all_reduce(stop)
         if stop.item() > 0:
             return
+        if (args.hang_at and state.iteration == args.hang_at and dist.get_rank() == 1
+                and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"):
+            stuck_forever()
         dist.all_reduce(payload)
         payload.fill_(1.0)
         state.iteration += 1
