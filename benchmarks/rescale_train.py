@@ -225,35 +225,36 @@ def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: flo
 
 
 def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
-    def med(scenario: str, name: str, figure: str = "seconds") -> Optional[float]:
-        return medians[scenario, name, figure].seconds if name in launchers else None
+    def med(scenario: str, figure: str = "seconds") -> Optional[float]:
+        return medians[scenario, BASE, figure].seconds if BASE in launchers else None
 
-    def quarter(scenario: str, figure: str) -> Optional[bool]:
+    def versus_restart(scenario: str, figure: str) -> str:
         if BASE not in launchers or "ours-restart" not in launchers:
-            return None
-        r = ratio(medians[scenario, BASE, figure], medians[scenario, "ours-restart", figure])[0]
-        return None if r is None else r >= TARGET_RESTART_RATIO
+            return verdict(None)
+        r, shown = ratio(medians[scenario, BASE, figure], medians[scenario, "ours-restart", figure])
+        return f"{verdict(None if r is None else r >= TARGET_RESTART_RATIO)} (restart/inplace {shown})"
 
-    up_join, kill = med("scale-up", BASE, "from_joined"), med("scale-down", BASE)
-    parts = []
-    for scenario, label in (("scale-up", "scale-up B start->step@2"), ("scale-down", "SIGKILL->step@1")):
-        parts.append(f"{label}: " + ", ".join(f"{n} {medians[scenario, n, 'seconds']}" for n in launchers))
+    def count(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:g}"
+
+    parts = [f"{label}: " + ", ".join(f"{n} {medians[scenario, n, 'seconds']}" for n in launchers)
+             for scenario, label in (("scale-up", "scale-up B start->step@2"), ("scale-down", "SIGKILL->step@1"))]
     parts.append("scale-up joined->step@2: " + ", ".join(
         f"{n} {medians['scale-up', n, 'from_joined']}" for n in launchers if n != "torchrun"))
     parts.append("steps recomputed up/down: " + ", ".join(
-        f"{n} {medians['scale-up', n, 'recomputed'].seconds}/{medians['scale-down', n, 'recomputed'].seconds}"
-        for n in launchers).replace("None", "n/a"))
+        f"{n} {count(medians['scale-up', n, 'recomputed'].seconds)}/"
+        f"{count(medians['scale-down', n, 'recomputed'].seconds)}" for n in launchers))
+    up_join, kill = med("scale-up", "from_joined"), med("scale-down")
     targets = [
         f"scale-up from registration <= {TARGET_UP_FROM_JOIN_S:.3f} s "
         f"{verdict(None if up_join is None else up_join <= TARGET_UP_FROM_JOIN_S)}",
         f"SIGKILL <= {TARGET_KILL_S:g} s {verdict(None if kill is None else kill <= TARGET_KILL_S)}",
-        f"in-place <= 1/4 restart: scale-up from registration {verdict(quarter('scale-up', 'from_joined'))}, "
-        f"scale-up from B's start {verdict(quarter('scale-up', 'seconds'))}, "
-        f"SIGKILL {verdict(quarter('scale-down', 'seconds'))}",
+        f"in-place <= 1/4 of restart: scale-up from registration {versus_restart('scale-up', 'from_joined')}, "
+        f"scale-up from B's start {versus_restart('scale-up', 'seconds')}, "
+        f"SIGKILL {versus_restart('scale-down', 'seconds')}",
     ]
     print(f"\nSUMMARY ({os.cpu_count()} cores, CPU only, median of {reps} reps) " + "; ".join(parts)
           + ". TARGETS: " + "; ".join(targets))
-
 
 
 # -- the training script --------------------------------------------------------------------------

@@ -23,6 +23,9 @@ RDZV_CONF_KEYS = {
     "join_settle": float,
     "lease_ttl": float,
     "connect_timeout": float,
+    "blacklist_after": int,
+    "blacklist_cooldown": float,
+    "blacklist_max_cooldown": float,
 }
 
 
@@ -48,6 +51,7 @@ class RunConfig:
     batch_policy: object = None  # elastic.policy.BatchPolicy
     rescale_mode: str = "auto"
     hang_timeout: Optional[float] = None
+    notices: object = None  # launcher.preemption.NoticeConfig
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -108,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 600), last_call_timeout (s to wait for more nodes once min are "
                         "present, default 3), join_settle (s over which joins are coalesced, "
                         "default 0.2), lease_ttl (s after which a silent node is removed, default "
-                        "10), connect_timeout (s to reach etcd, default 5)")
+                        "10), connect_timeout (s to reach etcd, default 5), blacklist_after (worker "
+                        "failures of a node before it sits out, default 2; 0: never), "
+                        "blacklist_cooldown (s it sits out the first time, doubling each time, "
+                        "default 60), blacklist_max_cooldown (cap, default 3600)")
     p.add_argument("--standalone", action="store_true",
                    help="one-machine job on an embedded etcd (the default without --rdzv-endpoint)")
     p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
@@ -131,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(scripts using integrations.torch.run: survivors keep running, joining "
                         "nodes pre-warm their workers); auto (default) switches to in place once "
                         "the workers use the API")
+    p.add_argument("--preemption-file", default=None,
+                   help="a file whose appearance is this node's preemption notice (write it "
+                        "elsewhere and rename it here); the node leaves at the next step boundary")
+    p.add_argument("--preemption-url", default=None,
+                   help="a metadata endpoint polled for a preemption notice (see "
+                        "--preemption-preset)")
+    p.add_argument("--preemption-preset", default="generic", choices=["generic", "aws", "gce"],
+                   help="how to read the endpoint: aws (spot instance-action, polled at the "
+                        "standard address unless --preemption-url), gce (instance/preempted), "
+                        "generic (any 200 with a body other than false/0 is a notice)")
+    p.add_argument("--preemption-poll-interval", type=float, default=1.0,
+                   help="seconds between polls of the notice file and endpoint (default 1)")
+    p.add_argument("--preemption-grace", type=float, default=30.0,
+                   help="seconds a notice without its own deadline (SIGTERM, the file, gce) "
+                        "gives this node to leave (default 30)")
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without step progress after which a worker counts as hung: its "
                         "stacks are dumped to its log, it is killed and the round re-forms "
@@ -210,13 +232,25 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
     return RunConfig(
         batch_policy=_batch_policy(args, low, high), rescale_mode=args.rescale_mode,
-        hang_timeout=args.hang_timeout,
+        hang_timeout=args.hang_timeout, notices=_notice_config(args),
         min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
         run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         log_dir=args.log_dir, local_addr=args.local_addr, master_port=args.master_port,
         grace_period=args.grace_period, argv=_worker_argv(args),
     )
+
+
+def _notice_config(args):
+    from launcher.preemption import NoticeConfig
+
+    try:
+        return NoticeConfig(notice_file=args.preemption_file, metadata_url=args.preemption_url,
+                            metadata_preset=args.preemption_preset,
+                            poll_interval=args.preemption_poll_interval,
+                            default_grace=args.preemption_grace)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _batch_policy(args, min_nodes: int, max_nodes: int):
@@ -298,7 +332,8 @@ def run(config: RunConfig) -> int:
                                          master_port=config.master_port,
                                          batch_policy=config.batch_policy,
                                          rescale_mode=config.rescale_mode,
-                                         hang_timeout=config.hang_timeout),
+                                         hang_timeout=config.hang_timeout,
+                                         notices=config.notices),
                              store, events_path=events)
         return agent.run()
     finally:

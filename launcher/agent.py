@@ -33,6 +33,7 @@ from .events import EventLog
 from .health import HealthServer
 from .inplace import InPlaceWorkers
 from .peers import PeerMonitor
+from .preemption import Notice, NoticeConfig, NoticeWatcher
 from .workers import WorkerGroup, WorkerSpec, WorldAssignment
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ FINISH_GRACE_S = 60.0
 RESTART_GRACE_S = 2.0
 RESCALE_MODES = ("auto", "restart", "in-place")
 ETCD_RETRY_S = 0.5
-STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stacks before SIGKILL
+STACK_DUMP_WAIT_S = 1.0
+LEAVE_MARGIN_S = 2.0  # of a notice's grace period, kept for stopping leftover workers  # time a hung worker gets to write its stacks before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class AgentConfig:
     batch_policy: Optional[BatchPolicy] = None  # its plan for each round goes to the workers' env
     rescale_mode: str = "auto"  # auto: in place once the workers use the API, else restart
     hang_timeout: Optional[float] = None  # kill in-place workers with no progress for this long
+    notices: Optional[NoticeConfig] = None  # preemption notice sources besides SIGTERM/SIGINT
 
 
 def _signal_pid(pid: int, sig: int) -> None:
@@ -93,6 +96,9 @@ class ElasticAgent:
         self.workers = WorkerGroup(spec)
         self.peers = PeerMonitor(self.membership, config.probe_interval, self._wake.set)
         self._signal: Optional[int] = None
+        self._notice: Optional[Notice] = None
+        self._snapshot: Optional[Snapshot] = None
+        self.notices = NoticeWatcher(config.notices or NoticeConfig(), self._on_notice)
         self._round: Optional[Round] = None      # the latest round this agent has applied
         self._pending: Optional[Round] = None    # a round we are a member of, not yet applied
         self._awaiting: Optional[Round] = None   # pushed in place; waiting for "running"
@@ -107,14 +113,16 @@ class ElasticAgent:
         try:
             if self._should_prewarm():
                 self._prewarm()
-            if self._signal is not None:
-                return 128 + self._signal
+            if self._notice is not None:
+                return 128 + self._signal if self._signal else 0
             self.membership.join()
             self.events.emit("joined", cause="prewarmed" if self.workers.running else "start")
             self.store.watch(self._wake.set)
             self.peers.start()
+            self.notices.start()
             return self._loop()
         finally:
+            self.notices.stop()
             self.peers.stop()
             self.workers.stop()
             self.membership.leave()
@@ -125,15 +133,22 @@ class ElasticAgent:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum, _frame):
+        # SIGTERM/SIGINT are preemption notices too: leave at once, let the workers finish.
         self._signal = signum
+        self.notices.notify_signal(signal.Signals(signum).name.lower())
+        self._wake.set()
+
+    def _on_notice(self, notice: Notice) -> None:
+        self._notice = notice
         self._wake.set()
 
     def _loop(self) -> int:
         while True:
-            if self._signal is not None:
-                return self._leave_on_signal(self._signal)
+            if self._notice is not None:
+                return self._leave(self._notice)
             try:
                 snap, action, wake_at = self.membership.step()
+                self._snapshot = snap
                 if self._etcd_down_since is not None:
                     self._etcd_back()
                 self.peers.update(snap)
@@ -182,7 +197,7 @@ class ElasticAgent:
         """Start the workers in standby and wait until they are ready for a world."""
         self.workers.start(None)
         deadline = time.time() + self.config.settings.join_timeout
-        while not self.in_place.all_ready() and self._signal is None:
+        while not self.in_place.all_ready() and self._notice is None:
             self.in_place.drain(self.workers.pids)
             state = self.workers.poll()
             if state.status != "running":
@@ -275,11 +290,19 @@ class ElasticAgent:
                              restart_count=rnd.restart_count, **fields)
 
     def _record_leader_action(self, action) -> None:
-        if action.kind == "published" and action.detail.departed:
-            rnd = action.detail.round
-            self.events.emit("node_left", round=rnd.number, world_size=rnd.world_size,
-                             members=list(rnd.node_ids), cause="removed",
-                             nodes=list(action.detail.departed))
+        if action.kind != "published":
+            return
+        rnd = action.detail.round
+        fields = dict(round=rnd.number, world_size=rnd.world_size, members=list(rnd.node_ids))
+        if action.detail.departed:
+            self.events.emit("node_left", cause="removed", nodes=list(action.detail.departed),
+                             **fields)
+        for node in action.detail.excluded:
+            entry = next(e for e in rnd.blacklist if e.node_id == node)
+            log.warning("node %s failed %d times; it sits out until %s", node, entry.strikes,
+                        time.strftime("%H:%M:%S", time.localtime(entry.excluded_until)))
+            self.events.emit("node_excluded", cause="repeated_failures", nodes=[node],
+                             until=entry.excluded_until, exclusions=entry.exclusions, **fields)
 
     # -- workers ---------------------------------------------------------------------------
     def _stop_workers(self, grace: Optional[float] = None, sig: int = signal.SIGTERM) -> None:
@@ -400,21 +423,29 @@ class ElasticAgent:
             return 1
         return 0
 
-    def _leave_on_signal(self, signum: int) -> int:
-        name = signal.Signals(signum).name
+    def _leave(self, notice: Notice) -> int:
+        """This node goes away (preemption notice, SIGTERM, Ctrl-C): leave the rendezvous at
+        once so the others rescale without us; in-place workers finish the current step with
+        the others, commit and exit (saving a checkpoint if no node remains), within the notice's
+        grace period; whatever still runs then is stopped."""
         rnd = self._round
+        fields = dict(round=rnd.number if rnd else None, world_size=rnd.world_size if rnd else 0,
+                      members=list(rnd.node_ids) if rnd else [])
+        grace = max(0.0, notice.deadline - time.time()) if notice.deadline else 0.0
+        others = [n for n in (self._snapshot.nodes if self._snapshot else {}) if n != self.node_id]
+        self.events.emit("preemption_notice", cause=notice.source, detail=notice.detail,
+                         grace_s=round(grace, 3), **fields)
         capable = self._capable()
-        # Leave first so the others shrink without us at once; then stop our workers.
         self.membership.leave()
-        self.events.emit("node_left", round=rnd.number if rnd else None,
-                         world_size=rnd.world_size if rnd else 0,
-                         members=list(rnd.node_ids) if rnd else [], cause=name.lower())
+        outcome = "stopped"
         if capable:
-            # In-place workers finish the current step with the others, commit, and exit, so
-            # the survivors lose nothing; whatever is still running after the grace period is
-            # stopped below.
-            self.in_place.push_leave()
-            self._wait_for_workers(self.config.workers.grace_period_s)
-        self._stop_workers(sig=signum)
-        print(f"agent {self.node_id} stopped by {name}; left the job", file=sys.stderr, flush=True)
-        return 128 + signum
+            self.in_place.push_leave(checkpoint=not others)
+            # Keep a little of the grace period for stopping what does not finish in time.
+            if self._wait_for_workers(max(0.0, grace - LEAVE_MARGIN_S)) == 0:
+                outcome = "left at a step boundary" if others else "checkpointed"
+        self._stop_workers(sig=self._signal or signal.SIGTERM)
+        self.events.emit("node_left", cause=notice.source, outcome=outcome,
+                         grace_s=round(grace, 3), **fields)
+        print(f"agent {self.node_id} left the job ({notice.source}: {outcome})",
+              file=sys.stderr, flush=True)
+        return 128 + self._signal if self._signal else 0

@@ -9,7 +9,8 @@ ELASTIC_AGENT_ADDR and exchange newline-delimited JSON messages:
                       {"type": "progress", "steps": k}                  passed step boundaries (throttled)
                       {"type": "collective_failed", "round": n, "error": "...", "traceback": "..."}
     agent -> worker   {"type": "round", "round": n, "member": bool, "rank": ..., ...}
-                      {"type": "leave"}                                 finish at the next boundary
+                      {"type": "leave", "checkpoint": bool}             finish at the next boundary
+                                                                        (and save: no node remains)
 
 The agent only ever sends; decisions stay in the agent's loop, which drains `messages`.
 """

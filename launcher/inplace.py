@@ -92,9 +92,11 @@ class InPlaceWorkers:
         for local_rank in range(self.nproc):
             self.control.send(local_rank, {"type": "round", "round": number, "member": False})
 
-    def push_leave(self) -> None:
+    def push_leave(self, checkpoint: bool) -> None:
+        """The node leaves: finish at the next step boundary; `checkpoint` when no node remains
+        to carry the state, so it must go to disk."""
         for local_rank in range(self.nproc):
-            self.control.send(local_rank, {"type": "leave"})
+            self.control.send(local_rank, {"type": "leave", "checkpoint": checkpoint})
 
     def close(self) -> None:
         self.control.close()

@@ -12,8 +12,8 @@ Sources (the first notice wins):
         gce      .../computeMetadata/v1/instance/preempted answers only requests carrying
                  `Metadata-Flavor: Google`: FALSE, then TRUE once preempted. No time is stated
                  (GCE allows about 30 s).
-        generic  200 with a non-empty body other than false (any case) or 0 is a notice, the body its
-                 detail; such a body, 204 or 404 is none.
+        generic  200 with a non-empty body other than false (any case) or 0 is a notice, the
+                 body its detail; such a body, 204 or 404 is none.
       aws and gce carry their cloud's link-local URL, so choosing one enables polling; generic
       polls only when given a URL.
 A notice without a stated deadline gets received_at + default_grace.
@@ -55,7 +55,7 @@ class MetadataResponseError(ValueError):
 
 @dataclass(frozen=True)
 class Notice:
-    source: str                 # SIGTERM | FILE | METADATA
+    source: str                 # the signal ("sigterm", "sigint"), FILE or METADATA
     detail: str                 # the file's content, the metadata's action and time, the signal
     deadline: Optional[float]   # unix time by which the node goes away; None: unknown
     received_at: float
@@ -228,7 +228,7 @@ class NoticeWatcher:
     def notify_signal(self, signame: str) -> Notice:
         """Turn a signal the agent received into a notice; returns the notice that won. Safe in
         a signal handler, where on_notice then runs too."""
-        return self._deliver(SIGTERM, signame, None)
+        return self._deliver(signame.lower(), signame, None)
 
     def check_once(self) -> Optional[Notice]:
         """Look at the file, then the endpoint; returns the notice that won, or None yet."""

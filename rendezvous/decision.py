@@ -5,7 +5,8 @@ Pure: no I/O and no clock of its own. The leader's executor (`rendezvous.members
 compare-and-swap. Tests step it with hand-made views and times.
 
 --max-restarts N is a job-wide budget of worker failures: the job survives N of them in all,
-whichever nodes they happen on, and the next one fails it, naming the earliest report.
+whichever nodes they happen on, and the (N+1)-th fails it, naming the earliest report (with the
+default 0, the first failure ends the job).
 - A worker failure is a round for which some node reported that a local worker process exited
   non-zero (or, in place, that a collective failed) while no member left. The leader re-forms the
   round once, with restart_count + 1, however many nodes report for it: a failing rank takes its
@@ -19,9 +20,10 @@ whichever nodes they happen on, and the next one fails it, naming the earliest r
 Blacklisting (`rendezvous.blacklist`) hangs off the same failures: each re-formed round gives a
 strike to the node with the earliest report; every blacklist_after strikes cool it down, and a
 cooling-down node is left out of rounds. Min nodes come first: a node is not cooled down when
-fewer than min_nodes other live, not cooling-down nodes would remain, and when departures leave
-the job short, cooling-down nodes (those whose cooldown ends first) are admitted early to keep
-it at min_nodes. Either way the node is named in `Publish.kept`.
+fewer than min_nodes other live, not cooling-down nodes would remain (its strikes stay, so its
+next failure tries again), and when the job is short of min_nodes (after departures, or while
+waiting) and cooling-down nodes are enough to make up the difference, those whose cooldown ends
+first are admitted early. Either way the node is named in `Publish.kept`.
 """
 from __future__ import annotations
 

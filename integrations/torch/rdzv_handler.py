@@ -108,7 +108,9 @@ def settings_from_params(params: RendezvousParameters) -> RendezvousSettings:
             raise ValueError(f"--rdzv-conf {key}={value!r}: expected a number of seconds") from None
     return RendezvousSettings(run_id=params.run_id, min_nodes=params.min_nodes,
                               max_nodes=params.max_nodes, max_restarts=UNLIMITED_RESTARTS,
-                              **seconds)
+                              # torchrun re-enters the rendezvous after any worker failure and
+                              # we cannot tell whose it was: no strikes, no cooldowns.
+                              blacklist_after=0, **seconds)
 
 
 class EtcdRendezvousHandler(RendezvousHandler):

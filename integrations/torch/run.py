@@ -12,7 +12,9 @@
 On entry the worker joins the current world and resumes (rank 0 loads the checkpoint, everyone
 syncs from rank 0). `train` is re-entered after each change: at an agreed step boundary
 (WorldChanged: nothing lost), or after a collective failed because a peer died (the state rolls
-back to the last commit). Surviving processes are never restarted. Without an agent channel
+back to the last commit). Surviving processes are never restarted. When this node leaves (a
+preemption notice or SIGTERM to its agent), `run` raises SystemExit(0) at the next boundary,
+after saving the committed state to `checkpoint` if no other node remains. Without an agent channel
 (started by torchrun, or by `elastic.run --rescale-mode restart`) a failure propagates as usual
 and the launcher restarts the workers.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional, TypeVar
 
-from .world import ElasticWorld, WorldChanged
+import os
+
+from .world import ElasticWorld, LeftJob, WorldChanged
 
 T = TypeVar("T")
 
@@ -43,6 +47,13 @@ def run(train: Callable[[ElasticWorld], T], state, *, checkpoint: Optional[str] 
                 return train(world)
             except WorldChanged:
                 changed = True
+            except LeftJob:
+                # Our node left (preemption notice, SIGTERM) at a boundary, committed. When no
+                # node remains to hold the state, it goes to disk before the grace period ends.
+                if world.channel.checkpoint_on_leave and checkpoint \
+                        and os.environ.get("LOCAL_RANK", "0") == "0":
+                    state.save(checkpoint)
+                raise
             except RuntimeError as exc:  # gloo/NCCL errors are RuntimeErrors (DistBackendError)
                 if not world.in_place:
                     raise

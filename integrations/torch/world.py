@@ -51,6 +51,7 @@ class AgentChannel:
         self._cond = threading.Condition()
         self._round: Optional[dict] = None
         self.leaving = False
+        self.checkpoint_on_leave = False
         self._send_lock = threading.Lock()
         self.send({"type": "hello", "local_rank": local_rank, "pid": os.getpid()})
         threading.Thread(target=self._read, name="agent-channel", daemon=True).start()
@@ -70,6 +71,7 @@ class AgentChannel:
                             self._round = msg
                     elif msg["type"] == "leave":
                         self.leaving = True
+                        self.checkpoint_on_leave = bool(msg.get("checkpoint"))
                     self._cond.notify_all()
         except (OSError, ValueError):
             pass

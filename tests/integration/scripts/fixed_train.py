@@ -12,6 +12,10 @@ Pacing: the ranks train step s only once the integer in --allowance-file is >= s
 wait they keep passing step boundaries, so an in-place world change can happen meanwhile.
 Works in both rescale modes: `integrations.torch.run` re-enters `train` after an in-place change,
 and simply runs it once when the launcher restarts workers instead.
+Hung ranks: with --hang-at S (repeatable), rank 1 of the first round allowed to train step S
+prints `HANG <unix time> step=S rank=1` and stops making progress (no step, no step boundary), once
+per job: it first creates <--hang-marker>.S exclusively, and a step whose marker exists never
+hangs again, so the step is trained normally after the job re-forms.
 """
 import argparse
 import json
@@ -36,7 +40,12 @@ parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--dataset", type=int, default=200)
 parser.add_argument("--commit-every", type=int, default=4)
 parser.add_argument("--step-sleep", type=float, default=0.02)
+parser.add_argument("--hang-at", type=int, action="append", default=[],
+                    help="rank 1 stops making progress at this step, once per job (repeatable)")
+parser.add_argument("--hang-marker", help="prefix of the files recording the steps that hung")
 args = parser.parse_args()
+if args.hang_at and not args.hang_marker:
+    parser.error("--hang-at needs --hang-marker")
 
 torch.set_default_dtype(torch.float64)
 data_gen = torch.Generator().manual_seed(0)
@@ -68,6 +77,23 @@ def wait_allowed(world, step):
         time.sleep(0.02)
 
 
+def claim_hang(step):
+    """True for the one rank that hangs at `step` in this job (the marker makes it once only)."""
+    if step not in args.hang_at or dist.get_rank() != 1:
+        return False
+    try:
+        os.close(os.open(f"{args.hang_marker}.{step}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def hang_forever(step):
+    print(f"HANG {time.time():.3f} step={step} rank=1", flush=True)
+    while True:
+        time.sleep(1)
+
+
 def micro_batches(indices, accum_steps):
     """This rank's share in accum_steps chunks (some may be empty)."""
     k, n = accum_steps, len(indices)
@@ -92,6 +118,8 @@ def train(world):
         sampler.set_epoch(state.epoch)
         for indices in sampler:
             wait_allowed(world, state.step + 1)
+            if claim_hang(state.step + 1):
+                hang_forever(state.step + 1)
             step_batch = sampler.step_global_batch()
             chunks = micro_batches(indices, world.plan.accum_steps)
             for k, chunk in enumerate(chunks):
