@@ -173,7 +173,7 @@ class ChaosJob:
 
     # -- the run ------------------------------------------------------------------------------
     def start(self) -> None:
-        self.start_etcd()
+        """The initial agents (etcd must be started), until rank 0 trains in their world."""
         for name in self.plan.initial:
             self.start_agent(name)
         self.running = self.plan.initial

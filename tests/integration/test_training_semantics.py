@@ -35,11 +35,11 @@ class Job:
         tmp.write_text(str(steps))
         tmp.replace(self.allowance)
 
-    def start(self, name, nnodes="1:3", nproc=1):
+    def start(self, name, nnodes="1:3", nproc=1, extra=()):
         args = ["--nnodes", nnodes, "--nproc-per-node", nproc, "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", self.run_id, "--rdzv-conf",
                 "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
-                "--log-dir", self.tmp / "logs", "--global-batch-size", 10, "--max-micro-batch", 4, "--rescale-mode", self.mode,
+                *extra, "--log-dir", self.tmp / "logs", "--global-batch-size", 10, "--max-micro-batch", 4, "--rescale-mode", self.mode,
                 SCRIPT, "--checkpoint", self.checkpoint, "--out", self.out,
                 "--record-dir", self.records, "--allowance-file", self.allowance,
                 "--epochs", EPOCHS, "--dataset", DATASET]

@@ -1,0 +1,69 @@
+"""Preemption notices: a node that is told it will go away leaves at a step boundary, so the job
+loses no committed step; a last node saves the state before it goes."""
+import re
+
+import pytest
+import torch
+
+from .agents import read_events
+from .test_training_semantics import (assert_same_params, make_job, reference_params, seen,  # noqa: F401
+                                      surviving_steps)
+
+pytestmark = pytest.mark.integration
+
+
+def last_step(text, world):
+    steps = re.findall(rf"step=(\d+) world={world} rank=0", text)
+    return int(steps[-1])
+
+
+def test_a_preempted_node_costs_no_committed_step(make_job, tmp_path):
+    expected = reference_params(make_job)
+    job = make_job("preempted")
+    notice = tmp_path / "b-notice"
+    a = job.start("a")
+    pos = seen(a, "RESUMED step=0 epoch=0 cursor=0 world=1")
+    b = job.start("b", extra=["--preemption-file", notice, "--preemption-poll-interval", "0.2"])
+    pos = seen(a, "RESUMED step=0 epoch=0 cursor=0 world=2", pos)
+    job.allow(23)  # not a multiple of --commit-every: the notice lands between two commits
+    pos = seen(a, "step=23 world=2 rank=0", pos)
+    job.allow(10**6)
+    pos = seen(a, "step=26 world=2 rank=0", pos)
+    tmp = notice.with_suffix(".tmp")
+    tmp.write_text("maintenance")
+    tmp.replace(notice)
+    assert b.wait(60) == 0, b.output()[-3000:]
+    assert a.wait(120) == 0, a.output()[-3000:]
+    out = a.output()
+    left_at = last_step(out, 2)
+    assert f"RESUMED step={left_at} " in out.split(f"step={left_at} world=2")[-1]
+
+    _, attempts = surviving_steps(job.records)
+    recomputed = [s for s, recs in attempts.items() if len({r["round"] for r in recs}) > 1]
+    assert recomputed == []
+    assert_same_params(torch.load(job.out), expected)
+    events = read_events(job.tmp / "logs")
+    notice_event = next(e for e in events if e["event"] == "preemption_notice")
+    assert notice_event["cause"] == "file" and notice_event["detail"] == "maintenance"
+    assert 25 < notice_event["grace_s"] <= 30
+    left = [e for e in events if e["event"] == "node_left" and e["cause"] == "file"]
+    assert left and left[0]["outcome"] == "left at a step boundary"
+
+
+def test_the_last_node_checkpoints_within_the_grace_period(make_job, tmp_path):
+    job = make_job("last")
+    notice = tmp_path / "notice"
+    args = ["--preemption-file", notice, "--preemption-poll-interval", "0.2"]
+    first = job.start("first", nnodes="1", extra=args)
+    job.allow(13)
+    seen(first, "step=13 world=1 rank=0")
+    notice.write_text("")
+    assert first.wait(60) == 0, first.output()[-3000:]
+    left = [e for e in read_events(job.tmp / "logs") if e["event"] == "node_left"]
+    assert left[-1]["outcome"] == "checkpointed"
+    notice.unlink()
+    job.allow(10**6)
+    second = job.start("second", nnodes="1")
+    assert second.wait(120) == 0, second.output()[-3000:]
+    # Step 13 is not a commit point of the script (every 4): the notice's checkpoint kept it.
+    assert "RESUMED step=13 epoch=0" in second.output()
