@@ -29,6 +29,20 @@ ENV_AGENT_ADDR = "ELASTIC_AGENT_ADDR"
 DEFAULT_PG_TIMEOUT = timedelta(seconds=60)
 # Progress reports to the agent (for --hang-timeout) are sent at most this often.
 PROGRESS_INTERVAL_S = 0.5
+STORE_POLL_S = 0.005
+
+
+def _wait_for_listener(host: str, port: int, timeout: timedelta) -> None:
+    """Wait until rank 0's store listens. A pre-warmed newcomer learns of the round before the
+    survivors reach their step boundary; a store client that finds no server backs off for
+    hundreds of milliseconds, so knock cheaply until the server is there."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(STORE_POLL_S)
 
 
 class WorldChanged(Exception):
@@ -158,6 +172,8 @@ class ElasticWorld:
         }
         os.environ.update({k: str(v) for k, v in env.items()})  # user code reading env sees it
         self.round = msg["round"]
+        if msg["rank"] != 0:
+            _wait_for_listener(msg["master_addr"], int(msg["master_port"]), self.timeout)
         dist.init_process_group(
             self.backend, init_method=f"tcp://{msg['master_addr']}:{msg['master_port']}",
             rank=msg["rank"], world_size=msg["world_size"], timeout=self.timeout)
