@@ -30,6 +30,10 @@ A wait that runs past --timeout, or ends with an agent giving up on a timeout, i
 crash is a failure; both stay in the table and count as "no result" in the median.
 
     python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours-inplace,ours-restart,torchrun]
+                                 [--horovod]
+
+--horovod then also times Horovod workers (--backend horovod) against horovodrun's elastic mode
+on one hvd.elastic script (benchmarks/rescale_horovod.py, which describes its scenarios).
 """
 
 import argparse
@@ -342,7 +346,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for a step in a new world")
     parser.add_argument("--launchers", default=",".join(LAUNCHERS), help=f"comma list of: {', '.join(LAUNCHERS)}")
+    parser.add_argument("--horovod", action="store_true",
+                        help="then Horovod workers against horovodrun (benchmarks/rescale_horovod.py)")
     args = parser.parse_args()
+    if args.horovod:
+        try:
+            import horovod.torch  # noqa: F401
+        except ImportError as exc:
+            parser.error(f"--horovod: Horovod cannot be imported ({exc}); install it with "
+                         "`bash integrations/horovod/install.sh`")
     launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
     if not launchers or set(launchers) - set(LAUNCHERS) or len(set(launchers)) != len(launchers):
         parser.error(f"--launchers takes some of {', '.join(LAUNCHERS)}, comma-separated")
@@ -359,6 +371,9 @@ def main() -> None:
                 f"{k} " + (" ".join(c for c in v.cells() if c) + (f" ({v.detail})" if v.detail else ""))
                 for k, v in outcome.items()), flush=True)
     report(results, args.reps, args.timeout)
+    if args.horovod:
+        import rescale_horovod
+        rescale_horovod.run(args.reps, args.timeout, log_root / "horovod")
 
 
 if __name__ == "__main__":

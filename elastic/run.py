@@ -52,6 +52,7 @@ class RunConfig:
     rescale_mode: str = "auto"
     hang_timeout: Optional[float] = None
     notices: object = None  # launcher.preemption.NoticeConfig
+    backend: str = "torch"
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the rank-0 store when this node holds rank 0 (default: a free one)")
     p.add_argument("--grace-period", type=float, default=5.0,
                    help="seconds workers get after SIGTERM before they are killed (default 5)")
+    p.add_argument("--backend", choices=["torch", "horovod"], default="torch",
+                   help="what the workers run: torch (torchrun's environment; default) or horovod "
+                        "(Horovod's gloo controller and rendezvous from the same rounds; "
+                        "hvd.elastic scripts reset in place). Horovod is installed with "
+                        "`bash integrations/horovod/install.sh`")
     p.add_argument("--rescale-mode", choices=["auto", "restart", "in-place"], default="auto",
                    help="how workers follow a new world: restart them (any script), or in place "
                         "(scripts using integrations.torch.run: survivors keep running, joining "
@@ -230,7 +236,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         endpoint = f"{host}:{port}"
     if args.master_port is not None and not 0 < args.master_port < 65536:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
+    if args.backend == "horovod":
+        _check_horovod_backend(args)
     return RunConfig(
+        backend=args.backend,
         batch_policy=_batch_policy(args, low, high), rescale_mode=args.rescale_mode,
         hang_timeout=args.hang_timeout, notices=_notice_config(args),
         min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
@@ -239,6 +248,21 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         log_dir=args.log_dir, local_addr=args.local_addr, master_port=args.master_port,
         grace_period=args.grace_period, argv=_worker_argv(args),
     )
+
+
+def _check_horovod_backend(args) -> None:
+    if args.rescale_mode == "in-place":
+        raise UsageError("--rescale-mode in-place starts workers in standby, which Horovod "
+                         "workers cannot do (hvd.init() needs their ranks); use auto or restart")
+    if args.hang_timeout is not None:
+        raise UsageError("--hang-timeout watches step progress reported through the torch "
+                         "in-place API; Horovod workers do not report it")
+    from integrations.horovod.agent import require_horovod
+    try:
+        require_horovod()
+    except ImportError as exc:
+        raise UsageError(f"--backend horovod: Horovod cannot be imported ({exc}); install it "
+                         "with `bash integrations/horovod/install.sh`") from None
 
 
 def _notice_config(args):
@@ -333,7 +357,7 @@ def run(config: RunConfig) -> int:
                                          batch_policy=config.batch_policy,
                                          rescale_mode=config.rescale_mode,
                                          hang_timeout=config.hang_timeout,
-                                         notices=config.notices),
+                                         notices=config.notices, backend=config.backend),
                              store, events_path=events)
         return agent.run()
     finally:

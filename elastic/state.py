@@ -167,8 +167,10 @@ class ElasticState:
         self._committed = _copy_into(self._committed, self._live())
 
     def restore(self) -> None:
-        """Roll the live state back to the last commit."""
+        """Roll the live state back to the last commit (gradients of the steps rolled back are
+        dropped too, or the step trained again would add to them)."""
         snap = self._committed
+        self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(snap["model"])
         if self.optimizer is not None and snap["optimizer"] is not None:
             # Optimizer.load_state_dict keeps same-device tensors by reference: give it copies,

@@ -9,6 +9,10 @@ and leave on SIGINT/SIGTERM. A round is applied in one of two ways:
   them the new world over the local control channel; they switch at a common step boundary and
   no process restarts. A node joining a job that runs in place starts its workers in standby
   first (pre-warmed: imported, model built) and registers only once they are ready.
+
+With `backend="horovod"` the channel is `integrations.horovod.agent.HorovodWorkers` (same
+interface): Horovod's gloo rendezvous, `hvd.elastic` resets instead of step boundaries, and
+every node pre-warms (imports torch and Horovod) before it registers.
 """
 from __future__ import annotations
 
@@ -44,9 +48,11 @@ FINISH_GRACE_S = 60.0
 # Workers of the old world get this long to exit after SIGTERM before a restart kills them.
 RESTART_GRACE_S = 2.0
 RESCALE_MODES = ("auto", "restart", "in-place")
+BACKENDS = ("torch", "horovod")
 ETCD_RETRY_S = 0.5
-STACK_DUMP_WAIT_S = 1.0
-LEAVE_MARGIN_S = 2.0  # of a notice's grace period, kept for stopping leftover workers  # time a hung worker gets to write its stacks before SIGKILL
+STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stacks before SIGKILL
+KILL_REAP_WAIT_S = 5.0
+LEAVE_MARGIN_S = 2.0  # of a notice's grace period, kept for stopping leftover workers
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,14 @@ class AgentConfig:
     rescale_mode: str = "auto"  # auto: in place once the workers use the API, else restart
     hang_timeout: Optional[float] = None  # kill in-place workers with no progress for this long
     notices: Optional[NoticeConfig] = None  # preemption notice sources besides SIGTERM/SIGINT
+    backend: str = "torch"  # or "horovod": Horovod workers (integrations.horovod)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend == "horovod" and self.rescale_mode == "in-place":
+            raise ValueError("Horovod workers cannot wait in standby (hvd.init() needs their ranks); "
+                             "use rescale mode auto or restart")
 
 
 def _signal_pid(pid: int, sig: int) -> None:
@@ -89,10 +103,21 @@ class ElasticAgent:
             health_addr=self._health.addr, node_id=self.node_id)
         self.events = EventLog(events_path, self.node_id)
         self.in_place = None
+        self._guard = None
         spec = config.workers
-        if config.rescale_mode != "restart":
-            self.in_place = InPlaceWorkers(spec.nproc, self._wake.set)
-            spec = replace(spec, extra_env={**spec.extra_env, **self.in_place.env})
+        if config.backend == "horovod":
+            from integrations.horovod.agent import HorovodWorkers
+            self.in_place = HorovodWorkers(store, spec, node_id=self.node_id, host=config.host,
+                                           wake=self._wake.set,
+                                           in_place=config.rescale_mode != "restart")
+            spec = self.in_place.spec  # through its pre-warm runner, with Horovod's variables
+        else:
+            from integrations.horovod.guard import HorovodGuard
+            self._guard = HorovodGuard()  # a Horovod script here fails at once, and says why
+            spec = replace(spec, extra_env={**spec.extra_env, **self._guard.env})
+            if config.rescale_mode != "restart":
+                self.in_place = InPlaceWorkers(spec.nproc, self._wake.set)
+                spec = replace(spec, extra_env={**spec.extra_env, **self.in_place.env})
         self.workers = WorkerGroup(spec)
         self.peers = PeerMonitor(self.membership, config.probe_interval, self._wake.set)
         self._signal: Optional[int] = None
@@ -111,6 +136,7 @@ class ElasticAgent:
         """Run until the job ends or we are told to stop; return the exit code for the agent."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self.notices.start()  # a notice during pre-warming means: never join
             if self._should_prewarm():
                 self._prewarm()
             if self._notice is not None:
@@ -119,7 +145,6 @@ class ElasticAgent:
             self.events.emit("joined", cause="prewarmed" if self.workers.running else "start")
             self.store.watch(self._wake.set)
             self.peers.start()
-            self.notices.start()
             return self._loop()
         finally:
             self.notices.stop()
@@ -129,6 +154,8 @@ class ElasticAgent:
             self._health.close()
             if self.in_place:
                 self.in_place.close()
+            if self._guard:
+                self._guard.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -191,6 +218,8 @@ class ElasticAgent:
     # -- pre-warming ---------------------------------------------------------------------------
     def _should_prewarm(self) -> bool:
         mode = self.config.rescale_mode
+        if self.config.backend == "horovod":
+            return mode == "auto" and self.in_place.can_prewarm
         return mode == "in-place" or (mode == "auto" and self.store.snapshot().in_place)
 
     def _prewarm(self) -> None:
@@ -225,7 +254,10 @@ class ElasticAgent:
         if self._round is None or rnd.number != self._round.number:
             self._round = rnd
             member = rnd.active and self.node_id in rnd.node_ids
-            in_place = self._capable()
+            # A Horovod worker cannot go back to standby once it entered a world: a node left
+            # out of the round stops it.
+            in_place = self._capable() and (member or self.config.backend == "torch"
+                                            or self.in_place.all_ready())
             if not in_place:
                 self._stop_workers(grace=RESTART_GRACE_S)
             self._pending = rnd if member else None
@@ -276,7 +308,7 @@ class ElasticAgent:
             group_world_size=len(rnd.members), rank_offset=rnd.rank_offset(self.node_id),
             world_size=rnd.world_size, master_addr=addr, master_port=int(port),
             restart_count=rnd.restart_count, max_restarts=self.config.settings.max_restarts,
-            env=plan_env)
+            env=plan_env, member_nprocs=tuple(m.nproc for m in rnd.members))
 
     def _record_round(self, rnd: Round, in_place: bool) -> None:
         first = self._seen_rounds == 0
@@ -362,6 +394,11 @@ class ElasticAgent:
             _signal_pid(pid, signal.SIGUSR1)
             time.sleep(STACK_DUMP_WAIT_S)
             _signal_pid(pid, signal.SIGKILL)
+            # Charge the death to this round: if a new round came first (the hung rank's peers
+            # fail the moment it dies), the same hang would be counted twice.
+            deadline = time.time() + KILL_REAP_WAIT_S
+            while self.workers.poll().status == "running" and time.time() < deadline:
+                time.sleep(0.02)
 
     def _check_workers(self, snap: Snapshot) -> None:
         if self._round is None or not self.workers.running:
@@ -385,6 +422,8 @@ class ElasticAgent:
         if hung is None and self.peers.remove_dead(snap, among=rnd.node_ids):
             return
         description = f"rank {failure.rank} hung: {hung}" if hung else failure.describe()
+        if self._guard and self._guard.hint():
+            description += f" ({self._guard.hint()})"
         self.membership.report_failure(rnd.number, FailureReport(
             node_id=self.node_id, time=failure.time, description=description,
             exit_code=failure.exitcode if failure.exitcode > 0 else 1,

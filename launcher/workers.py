@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Mapping, Optional
+from typing import IO, Callable, Iterable, Mapping, Optional, Tuple
 
 import psutil
 
@@ -48,6 +48,8 @@ class WorkerSpec:
     grace_period_s: float = 5.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
     echo: bool = True
+    # A backend's per-worker variables (Horovod's ranks and rendezvous), called at each spawn.
+    rank_env: Optional[Callable[["WorldAssignment", int], Mapping[str, str]]] = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -74,6 +76,7 @@ class WorldAssignment:
     restart_count: int
     max_restarts: int
     env: Mapping[str, str] = field(default_factory=dict)  # round-specific, e.g. the batch plan
+    member_nprocs: Tuple[int, ...] = ()  # workers of each member node in rank order, if known
 
     def __post_init__(self) -> None:
         if not 0 <= self.group_rank < self.group_world_size:
@@ -82,6 +85,10 @@ class WorldAssignment:
             )
         if self.rank_offset < 0 or self.world_size < 1:
             raise ValueError(f"bad ranks: offset {self.rank_offset}, world size {self.world_size}")
+        if self.member_nprocs and (len(self.member_nprocs) != self.group_world_size
+                                   or sum(self.member_nprocs) != self.world_size):
+            raise ValueError(f"member workers {list(self.member_nprocs)} do not make a world of "
+                             f"{self.world_size} on {self.group_world_size} nodes")
 
 
 @dataclass(frozen=True)
@@ -121,8 +128,8 @@ def worker_env(
     local_rank: int
 ) -> dict[str, str]:
     """One worker's environment: base (the agent's), then extra_env, then the round's env, then
-    what torchrun sets. Without an assignment (standby) the worker gets no world: it waits for
-    one on its agent channel."""
+    what torchrun sets, then the backend's (spec.rank_env). Without an assignment (standby) the
+    worker gets no world: it waits for one on its agent channel."""
     env = dict(base)
     env.update(spec.extra_env)
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
@@ -143,6 +150,8 @@ def worker_env(
         TORCHELASTIC_MAX_RESTARTS=str(a.max_restarts), TORCHELASTIC_USE_AGENT_STORE="False",
         PYTHONUNBUFFERED="1", ELASTIC_ROUND=str(a.round),
     )
+    if spec.rank_env is not None:
+        env.update(spec.rank_env(a, local_rank))
     return env
 
 

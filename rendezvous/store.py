@@ -9,6 +9,8 @@ Layout (all values JSON unless noted):
     failures/<round>/<node_id>   FailureReport of a node whose workers failed in that round
     state                JobOutcome, written once when the job ends
     inplace              "1" once some node's workers use the in-place API (newcomers pre-warm)
+    horovod/<round>/<scope>/<key>   Horovod's gloo rendezvous of a round (bytes; integrations.horovod)
+    horovod/elastic      "1" once some Horovod worker entered hvd.elastic.run
 
 Every client-library error becomes a RendezvousConnectionError here (`raise ... from`).
 """
@@ -157,6 +159,58 @@ class EtcdStore:
     def delete_job(self) -> None:
         self._client.delete_prefix(self._root)
 
+    # -- Horovod's gloo rendezvous (integrations.horovod) --------------------------------
+    def _hvd_key(self, number: int, scope: str, key: str = "") -> str:
+        return self._key("horovod", number, scope, key)
+
+    @_converted
+    def hvd_put(self, number: int, scope: str, key: str, value: bytes) -> None:
+        self._client.put(self._hvd_key(number, scope, key), value)
+
+    @_converted
+    def hvd_get(self, number: int, scope: str, key: str) -> Optional[bytes]:
+        value, _ = self._client.get(self._hvd_key(number, scope, key))
+        return value
+
+    @_converted
+    def hvd_delete(self, number: int, scope: str, *keys: str) -> None:
+        for key in keys:
+            self._client.delete(self._hvd_key(number, scope, key))
+
+    @_converted
+    def hvd_delete_rounds_before(self, number: int) -> None:
+        """Drop the rendezvous keys of every round before `number`."""
+        base = self._key("horovod", "")
+        old = set()
+        for _, meta in self._client.get_prefix(base, keys_only=True):
+            first = meta.key.decode()[len(base):].split("/", 1)[0]
+            if first.isdigit() and int(first) < number:
+                old.add(first)
+        for first in old:
+            self._client.delete_prefix(base + first + "/")
+
+    @_converted
+    def hvd_mark_elastic(self) -> None:
+        self._client.put(self._key("horovod", "elastic"), "1")
+
+    @_converted
+    def hvd_is_elastic(self) -> bool:
+        value, _ = self._client.get(self._key("horovod", "elastic"))
+        return value is not None
+
+    @_converted
+    def hvd_watch(self, callback: Callable[[], None]):
+        """Call `callback()` (from a client thread) whenever a Horovod rendezvous key changes;
+        returns the id for `cancel_watch`."""
+        return self._client.add_watch_prefix_callback(self._key("horovod", ""),
+                                                      lambda _response: callback())
+
+    def cancel_watch(self, watch_id) -> None:
+        try:
+            self._client.cancel_watch(watch_id)
+        except Exception:
+            pass  # gone with a broken stream, or etcd is gone
+
     # -- reads ---------------------------------------------------------------------------
     @_converted
     def snapshot(self) -> Snapshot:
@@ -192,11 +246,20 @@ class EtcdStore:
     # -- change notification -------------------------------------------------------------
     @_converted
     def watch(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` (from a client thread) whenever any key of the job changes."""
+        """Call `callback()` (from a client thread) whenever any key of the job changes, except
+        Horovod's rendezvous keys: workers write dozens of them per round and no agent decision
+        depends on them."""
+        horovod = self._key("horovod", "").encode()
+
+        def on_response(response) -> None:
+            events = getattr(response, "events", None)  # an error is passed on as it is
+            if events and all(e.key.startswith(horovod) for e in events):
+                return
+            callback()
+
         with self._lock:
             if self._watch_id is None:
-                self._watch_id = self._client.add_watch_prefix_callback(
-                    self._root, lambda _response: callback())
+                self._watch_id = self._client.add_watch_prefix_callback(self._root, on_response)
 
     def rewatch(self, callback: Callable[[], None]) -> None:
         """Watch again after an outage: the client drops a watch whose stream broke."""

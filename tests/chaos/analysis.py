@@ -1,5 +1,6 @@
-"""What a chaos run's evidence says: the figures (recovery times, recomputed steps, samples lost)
-and which injected faults the event log fails to show. Pure functions over parsed records."""
+"""What a chaos run's evidence says: its figures (faults by kind, recovery times, recomputed
+steps, samples lost) and the injected faults the event log fails to show. Pure functions over
+parsed records."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import schedule as sched
+from .history import Audit
 from .job import Injected
 
 
@@ -31,24 +33,14 @@ def recomputed(attempts: Dict[int, list]) -> Tuple[int, int]:
     return sum(n - 1 for n in rounds), sum(n > 1 for n in rounds)
 
 
-def samples_per_epoch(final: Dict[int, list], epochs: int, dataset: int) -> List[Tuple[int, int]]:
-    """(samples lost, samples seen twice) of each epoch in the surviving history."""
-    out = []
-    for epoch in range(epochs):
-        used = [i for recs in final.values() for r in recs if r["epoch"] == epoch
-                for i in r["indices"]]
-        seen = set(used)
-        out.append((len(set(range(dataset)) - seen), len(used) - len(seen)))
-    return out
-
-
 def unlogged(faults: Iterable[Injected], events: Sequence[dict]) -> List[str]:
     """The faults the event log does not show, described."""
     missing = []
     for f in faults:
-        later = [e for e in events if e["time"] >= f.time - 0.5]  # agents' clocks round to ms
+        later = [e for e in events if e["time"] >= f.time]
         if not any(_shows(f, e, later) for e in later):
-            missing.append(f"fault {f.index} {f.kind} {f.target or ''} (node {f.node}) at {f.time:.3f}")
+            missing.append(f"fault {f.index} {f.kind} {f.target or ''} (node {f.node}) "
+                           f"at {f.time:.3f}")
     return missing
 
 
@@ -61,8 +53,9 @@ def _shows(f: Injected, e: dict, later: Sequence[dict]) -> bool:
                 or (name == "rescale" and f.node not in (e["members"] or ())))
     if kind == sched.SIGTERM:
         return name == "node_left" and e["cause"] == "sigterm" and e["node"] == f.node
-    if kind == sched.PREEMPT:
-        return name == "node_left" and e["node"] == f.node
+    if kind == sched.PREEMPT:  # the notice, and the node leaving on it
+        return name == "preemption_notice" and e["node"] == f.node and any(
+            x["event"] == "node_left" and x["node"] == f.node for x in later)
     if kind == sched.HANG:
         return name == "worker_hung"
     if kind == sched.ETCD_RESTART:
@@ -70,7 +63,7 @@ def _shows(f: Injected, e: dict, later: Sequence[dict]) -> bool:
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
-def figures(faults: Sequence[Injected], steps, attempts, final, epochs: int, dataset: int,
+def figures(faults: Sequence[Injected], steps, attempts, history: Audit,
             events: Sequence[dict]) -> dict:
     recoveries = [(f, recovery_s(f, steps)) for f in faults]
     by_kind: Dict[str, List[float]] = {}
@@ -78,22 +71,23 @@ def figures(faults: Sequence[Injected], steps, attempts, final, epochs: int, dat
         if r is not None:
             by_kind.setdefault(f.kind, []).append(r)
     extra, repeated = recomputed(attempts)
-    per_epoch = samples_per_epoch(final, epochs, dataset)
     every = [r for rs in by_kind.values() for r in rs]
     return {
         "faults": len(faults),
         "faults_by_kind": dict(Counter(f.kind for f in faults)),
         "recovery_s": [{"index": f.index, "kind": f.kind, "target": f.target, "node": f.node,
-                        "world_after": f.world, "recovery_s": r} for f, r in recoveries],
+                        "world_after": f.world, "recovery_s": r, "exit_code": f.exit_code}
+                       for f, r in recoveries],
         "recovery_p50_s": percentile(every, 50),
         "recovery_p95_s": percentile(every, 95),
         "recovery_by_kind_s": {k: {"p50": percentile(v, 50), "p95": percentile(v, 95),
                                    "max": max(v)} for k, v in sorted(by_kind.items())},
-        "steps_total": len(final),
+        "steps_total": len(attempts),
         "steps_recomputed": extra,
         "steps_trained_more_than_once": repeated,
-        "samples_lost": sum(lost for lost, _ in per_epoch),
-        "samples_duplicated": sum(dup for _, dup in per_epoch),
+        "samples_lost": history.lost,
+        "samples_duplicated": history.duplicated,
+        "samples_unrecorded": history.unrecorded,
         "rounds": len({e["round"] for e in events if e["event"] in ("rendezvous", "rescale")}),
         "restarts": max((e.get("restart_count", 0) for e in events if e["event"] == "rescale"),
                         default=0),
@@ -108,9 +102,12 @@ def describe(fig: dict) -> str:
               for k, v in fig["recovery_by_kind_s"].items()]
     lines.append(f"  steps {fig['steps_total']}, recomputed {fig['steps_recomputed']} "
                  f"({fig['steps_trained_more_than_once']} steps more than once), samples lost "
-                 f"{fig['samples_lost']}, duplicated {fig['samples_duplicated']}")
+                 f"{fig['samples_lost']}, duplicated {fig['samples_duplicated']}, unrecorded "
+                 f"{fig['samples_unrecorded']}")
     lines.append(f"  rounds {fig['rounds']}, restarts counted {fig['restarts']}, "
                  f"workers killed as hung {fig['workers_hung']}")
+    if fig.get("invariants_broken"):
+        lines.append(f"  invariants broken: {len(fig['invariants_broken'])} (see the failure)")
     lines += [f"    fault {r['index']:>3} {r['kind']:<12} {r['target'] or '':<4} -> world "
               f"{r['world_after']}: recovered in {r['recovery_s']} s" for r in fig["recovery_s"]]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ agent has logged `etcd_reconnected`; only then is the next slot allowed.
 """
 from __future__ import annotations
 
+import codecs
 import re
 import signal
 import socket
@@ -25,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from rendezvous.embedded import EmbeddedEtcd
 from tests.integration.agents import REPO, Agent, read_events
@@ -34,16 +35,16 @@ from . import schedule as sched
 
 SCRIPT = "tests/integration/scripts/fixed_train.py"
 DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH = 200, 10, 4
+SAMPLER_SEED = 3  # fixed_train.py's ElasticSampler seed (and its global batch is GLOBAL_BATCH)
 STEPS_PER_EPOCH = DATASET // GLOBAL_BATCH
 SLOT_STEPS, INJECT_OFFSET = 16, 6
-RDZV_CONF = ("last_call_timeout=0.5,join_settle=0.2,lease_ttl=10,"
-             # Hangs hit whichever node holds rank 1; two on one node would cool it down for a
-             # minute and the schedule's worlds would no longer hold. Blacklisting has its own tests.
-             "blacklist_after=0")
+# blacklist_after=0: hangs hit whichever node holds rank 1; two on one node would cool it down
+# for a minute and the worlds the schedule expects would not form. Blacklisting has its own tests.
+RDZV_CONF = "last_call_timeout=0.5,join_settle=0.2,lease_ttl=10,blacklist_after=0"
 HANG_TIMEOUT_S, MAX_RESTARTS = 4, 100
 ETCD_DOWN_S = 2.0
 SETTLE_TIMEOUT_S = 120.0
-POLL_S = 0.05
+POLL_S = 0.1
 
 STEP_LINE = re.compile(r"STEP (\d+\.\d+) step=(\d+) world=(\d+) rank=0\b")
 HANG_LINE = re.compile(r"HANG (\d+\.\d+) step=(\d+) rank=1\b")
@@ -79,10 +80,11 @@ class Injected:
     """One fault as it happened."""
     index: int
     kind: str
-    target: Optional[str]   # agent name (join, removals)
-    node: Optional[str]     # its node id, or for a hang the node whose worker hung
-    time: float             # unix time the fault hit
-    world: int              # world size expected after it
+    target: Optional[str]     # agent name (join, removals)
+    node: Optional[str]       # its node id; for a hang, the node whose worker hung
+    time: float               # unix time the fault hit
+    world: int                # world size expected after it
+    exit_code: Optional[int]  # of the agent a sigterm or preempt made leave
 
 
 class ChaosJob:
@@ -94,14 +96,18 @@ class ChaosJob:
         self.epochs, self.preemption_files = epochs, preemption_files
         self.logs, self.records = tmp / "logs", tmp / "records"
         self.records.mkdir(parents=True)
-        self.allowance, self.checkpoint, self.params = tmp / "allowance", tmp / "state.ckpt", tmp / "params.pt"
+        self.allowance, self.checkpoint = tmp / "allowance", tmp / "state.ckpt"
+        self.params = tmp / "params.pt"
         self.hang_at = [inject_step(i) for i, f in enumerate(plan.faults) if f.kind == sched.HANG]
         self.etcd = EmbeddedEtcd(port=free_port(), data_dir=str(tmp / "etcd"))
         self.endpoint = ""
         self.agents: Dict[str, Agent] = {}
         self.nodes: Dict[str, str] = {}  # agent name -> node id
-        self.running: tuple = ()
+        self.running: Tuple[str, ...] = ()
         self.injected: List[Injected] = []
+        self._read: Dict[str, int] = {}  # agent name -> bytes of its output read so far
+        self._decoders: Dict[str, codecs.IncrementalDecoder] = {}
+        self._text: Dict[str, str] = {}
         self.allow(0)
 
     # -- the pieces ---------------------------------------------------------------------------
@@ -113,7 +119,14 @@ class ChaosJob:
     def start_etcd(self) -> None:
         self.endpoint = self.etcd.start()
 
+    def restart_etcd(self) -> None:
+        self.etcd.stop()
+        time.sleep(ETCD_DOWN_S)
+        self.etcd = EmbeddedEtcd(port=self.etcd.port, data_dir=self.etcd.data_dir)
+        self.start_etcd()
+
     def start_agent(self, name: str) -> Agent:
+        """Start an agent and wait for its `joined` event, which names its node."""
         args = ["--nnodes", "1:3", "--nproc-per-node", 1, "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", self.run_id, "--rdzv-conf", RDZV_CONF,
                 "--max-restarts", MAX_RESTARTS, "--hang-timeout", HANG_TIMEOUT_S,
@@ -130,25 +143,48 @@ class ChaosJob:
             args += ["--hang-marker", self.tmp / "hung"]
         known = set(self.nodes.values())
         agent = self.agents[name] = Agent(args, self.tmp, name, self.mark)
-        joined = self.wait(lambda: next((e["node"] for e in read_events(self.logs)
-                                         if e["event"] == "joined" and e["node"] not in known), None),
-                           f"{name} to join")
-        self.nodes[name] = joined
+        self.nodes[name] = self.wait(
+            lambda: next((e["node"] for e in read_events(self.logs)
+                          if e["event"] == "joined" and e["node"] not in known), None),
+            f"{name} to join")
         return agent
 
     def notice_file(self, name: str) -> Path:
         return self.tmp / f"{name}.notice"
 
     def outputs(self) -> Dict[str, str]:
-        return {name: agent.output() for name, agent in self.agents.items()}
+        """Every agent's output so far; read incrementally (a soak's outputs grow long, and
+        re-reading them at every poll would take CPU from the training it watches)."""
+        for name, agent in self.agents.items():
+            with open(agent.out, "rb") as f:
+                f.seek(self._read.get(name, 0))
+                data = f.read()
+            if data:
+                self._read[name] = self._read.get(name, 0) + len(data)
+                decoder = self._decoders.setdefault(
+                    name, codecs.getincrementaldecoder("utf-8")("replace"))
+                self._text[name] = self._text.get(name, "") + decoder.decode(data)
+        return dict(self._text)
 
-    def rank0_steps(self):
-        """(time, step, world) of every step rank 0 reported, in time order."""
-        found = [(float(t), int(s), int(w)) for text in self.outputs().values()
-                 for t, s, w in STEP_LINE.findall(text)]
-        return sorted(found)
+    def positions(self) -> Dict[str, int]:
+        return {name: len(text) for name, text in self.outputs().items()}
+
+    def rank0_steps(self, since: Optional[Dict[str, int]] = None):
+        """(time, step, world) of every step rank 0 reported (after `since`), in time order."""
+        since = since or {}
+        return sorted((float(t), int(s), int(w)) for name, text in self.outputs().items()
+                      for t, s, w in STEP_LINE.findall(text, since.get(name, 0)))
+
+    def hang_seen(self, step: int, since: Dict[str, int]) -> Optional[Tuple[float, str]]:
+        """(time, agent name) of rank 1's HANG line for `step`."""
+        for name, text in self.outputs().items():
+            for t, s in HANG_LINE.findall(text, since.get(name, 0)):
+                if int(s) == step:
+                    return float(t), name
+        return None
 
     def wait(self, predicate, what: str, timeout: float = SETTLE_TIMEOUT_S):
+        """predicate()'s first true value; fails early when a running agent exits meanwhile."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             value = predicate()
@@ -156,18 +192,28 @@ class ChaosJob:
                 return value
             dead = [n for n in self.running if self.agents[n].proc.poll() is not None]
             if dead:
-                raise AssertionError(f"agent {dead} exited while waiting for {what}\n{self.evidence()}")
+                raise AssertionError(f"{dead} exited while waiting for {what}\n{self.evidence()}")
             time.sleep(POLL_S)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.evidence()}")
+        raise AssertionError(f"{timeout:.0f}s passed waiting for {what}\n{self.evidence()}")
 
     def wait_resumed(self, world: int, since: Dict[str, int], what: str) -> None:
         line = resumed_line(world)
-        self.wait(lambda: any(line.search(text[since.get(name, 0):])
+        self.wait(lambda: any(line.search(text, since.get(name, 0))
                               for name, text in self.outputs().items()), what)
 
+    def wait_exit(self, name: str, timeout: float) -> int:
+        try:
+            return self.agents[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still runs after {timeout:.0f}s\n{self.evidence()}")
+
     def evidence(self, tail: int = 2500) -> str:
-        parts = [f"--- {name} ({'exit %s' % a.proc.poll() if a.proc.poll() is not None else 'running'})"
-                 f" node={self.nodes.get(name)}\n{a.output()[-tail:]}" for name, a in self.agents.items()]
+        parts = []
+        for name, agent in self.agents.items():
+            code = agent.proc.poll()
+            state = "running" if code is None else f"exit {code}"
+            parts.append(f"--- {name} ({state}) node={self.nodes.get(name)}\n"
+                         f"{agent.output()[-tail:]}")
         events = "\n".join(str(e) for e in read_events(self.logs)[-40:])
         return "\n".join(parts) + f"\n--- last events\n{events}\n--- files under {self.tmp}"
 
@@ -181,66 +227,53 @@ class ChaosJob:
 
     def run_faults(self) -> None:
         for index, fault in enumerate(self.plan.faults):
+            since = self.positions()
             self.allow((index + 2) * SLOT_STEPS)
-            since = {name: len(text) for name, text in self.outputs().items()}
             if fault.kind != sched.HANG:
-                self.wait(lambda: any(s >= inject_step(index) - 1 for _, s, _ in self.rank0_steps()),
-                          f"step {inject_step(index) - 1} before fault {index}")
-                since = {name: len(text) for name, text in self.outputs().items()}
+                # Steps this high are trained only once this slot is allowed.
+                due = inject_step(index) - 1
+                self.wait(lambda: any(s >= due for _, s, _ in self.rank0_steps(since)),
+                          f"step {due} before fault {index}")
+                since = self.positions()
             self.running = sched.apply(self.running, fault)
             self.injected.append(self.inject(index, fault, since))
 
     def inject(self, index: int, fault: sched.Fault, since: Dict[str, int]) -> Injected:
+        """Apply one fault and wait until the job has settled after it."""
         kind, name, world = fault.kind, fault.target, len(self.running)
-        now = time.time()
+        now, code = time.time(), None
         if kind == sched.JOIN:
             self.start_agent(name)
         elif kind == sched.SIGKILL:
             self.agents[name].kill_node()
         elif kind == sched.SIGTERM:
             self.agents[name].signal(signal.SIGTERM)
-            code = self.agents[name].wait(60)
+            code = self.wait_exit(name, 60)
             assert code == 128 + signal.SIGTERM, f"{name} left with {code}\n{self.evidence()}"
         elif kind == sched.PREEMPT:
             notice = self.notice_file(name)
             notice.with_suffix(".tmp").write_text("chaos preemption notice")
             notice.with_suffix(".tmp").replace(notice)
-            self.agents[name].wait(120)
+            code = self.wait_exit(name, 120)
+        elif kind == sched.HANG:
+            now, name = self.wait(lambda: self.hang_seen(inject_step(index), since),
+                                  f"rank 1 to hang at step {inject_step(index)}")
         elif kind == sched.ETCD_RESTART:
-            self.etcd.stop()
-            time.sleep(ETCD_DOWN_S)
-            self.etcd = EmbeddedEtcd(port=self.etcd.port, data_dir=self.etcd.data_dir)
-            self.start_etcd()
+            self.restart_etcd()
             nodes = {self.nodes[n] for n in self.running}
             self.wait(lambda: nodes <= {e["node"] for e in read_events(self.logs)
                                         if e["event"] == "etcd_reconnected" and e["time"] > now},
                       f"every agent to reconnect after etcd restart {index}")
-            return Injected(index, kind, None, None, now, world)
-        elif kind == sched.HANG:
-            hang = self.wait(lambda: self._hang_line(inject_step(index)), f"rank 1 to hang ({index})")
-            now, name = hang
-        self.wait_resumed(world, since, f"rank 0 in a world of {world} after fault {index} ({kind})")
-        return Injected(index, kind, name if kind != sched.HANG else None,
-                        self.nodes.get(name), now, world)
-
-    def _hang_line(self, step: int):
-        for name, text in self.outputs().items():
-            for t, s in HANG_LINE.findall(text):
-                if int(s) == step:
-                    return float(t), name
-        return None
+        if kind != sched.ETCD_RESTART:  # etcd's outage does not change the world
+            self.wait_resumed(world, since, f"rank 0 in a world of {world} after fault {index}")
+        return Injected(index, kind, fault.target, self.nodes.get(name), now, world, code)
 
     def finish(self, timeout: float) -> Dict[str, int]:
         """Let training run to its end; the exit code of every agent still running."""
         self.allow(10**9)
         deadline = time.time() + timeout
-        codes = {}
-        for name in self.running:
-            try:
-                codes[name] = self.agents[name].wait(max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"the job did not finish within {timeout:.0f}s\n{self.evidence()}")
-        return codes
+        return {name: self.wait_exit(name, max(1.0, deadline - time.time()))
+                for name in self.running}
 
     def close(self) -> None:
         for agent in self.agents.values():

@@ -3,19 +3,21 @@
 Pure and seeded: no processes, no clock; the same (seed, settings) gives the same schedule. The
 runner (tests/chaos/job.py) replays it with `apply` to know which agents run after each fault.
 
-Kinds, and when one is eligible (agents run one worker each, so an agent is a node):
-    join          start a new agent (target: its new name)   fewer than max_nodes run
-    sigkill       SIGKILL an agent and its whole tree (target)  a removal leaves >= max(min_nodes, 1)
-    sigterm       SIGTERM to an agent: a graceful leave         as sigkill
-    preempt       a preemption notice for an agent (target)    as sigkill
-    hang          rank 1 stops making progress (target None:    at least two run (rank 1 exists)
-                  whichever agent holds rank 1 then)
-    etcd_restart  etcd stops for a while, then restarts on      always
-                  its data dir (target None)
+Kinds (agents run one worker each, so an agent is a node), and when each is eligible:
+    join          start a new agent (target: its new name); fewer than max_nodes run
+    sigkill       SIGKILL an agent and its whole process tree (target); it leaves at least
+                  max(min_nodes, 1) running, so the last agent is never hit
+    sigterm       SIGTERM to an agent, a graceful leave (target); as sigkill
+    preempt       a preemption notice for an agent (target); as sigkill
+    hang          rank 1 stops making progress (target None: whichever agent holds rank 1
+                  then); at least two run
+    etcd_restart  etcd stops for a while, then restarts on its data dir (target None); always
 
-Kinds are dealt from a shuffled deck of all enabled kinds: the next fault is the first card that
-is eligible now; an empty deck (or one with no eligible card) gets a freshly shuffled deck added.
-So even a short run meets every kind, and a long one meets them in about equal numbers.
+Kinds are dealt from shuffled decks; the next fault is the first card that is eligible now
+(the others wait their turn), and when none is, a fresh deck is added below. The first deck holds
+each enabled kind once, so a short run (CI's 6 faults) meets every kind. Each later deck holds
+each kind once plus the joins still owed for the departures dealt so far, so a long run keeps
+returning to every size between min and max nodes instead of sinking to one node.
 Any running agent may be the target, the first one (rank 0 at the start) included.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Schedule:
 class Limits:
     min_nodes: int = 1
     max_nodes: int = 3
-    initial: int = 2
+    initial: int = 3  # at max: a short run can then meet every kind
 
     def __post_init__(self):
         if not 1 <= self.min_nodes <= self.initial <= self.max_nodes:
@@ -95,6 +97,7 @@ def make_schedule(seed: int, faults: int, kinds: Sequence[str] = ALL_KINDS,
     rng = random.Random(seed)
     initial = tuple(agent_name(i) for i in range(limits.initial))
     running, started, deck, out = initial, len(initial), [], []
+    owed = 0  # departures dealt that no join card makes up for yet
     while len(out) < faults:
         card = next((k for k in deck if eligible(k, running, limits)), None)
         if card is None:
@@ -102,6 +105,11 @@ def make_schedule(seed: int, faults: int, kinds: Sequence[str] = ALL_KINDS,
                 raise ValueError(f"no fault of kinds {kinds} applies with {len(running)} agents "
                                  f"running ({limits})")
             fresh = list(kinds)
+            if JOIN in kinds:
+                owed += sum(k in REMOVALS for k in kinds) - 1
+                if out:  # not the first deck
+                    fresh += [JOIN] * max(owed, 0)
+                    owed = min(owed, 0)
             rng.shuffle(fresh)
             deck += fresh
             continue

@@ -3,22 +3,26 @@ restarts (and preemption notices when the launcher has --preemption-file).
 
 The job: a real etcd on its own data dir (so it can be restarted), agents of 1 worker each
 (--nnodes 1:3, --max-restarts 100, --hang-timeout 4) training
-tests/integration/scripts/fixed_train.py under the `fixed` batch policy. Invariants: the job
-finishes, every epoch's surviving samples are the dataset exactly once, the parameters equal an
-undisturbed run's, no process outlives the job, and every fault shows in the event log.
+tests/integration/scripts/fixed_train.py under the `fixed` batch policy, paced so that faults
+land while it trains (tests/chaos/job.py). Invariants: the job finishes; every epoch's surviving
+samples are the dataset exactly once, each surviving record being the sampler's share for its
+rank and world (tests/chaos/history.py); the parameters equal an undisturbed run's; no process
+outlives the job; every fault shows in the event log.
 
-    python -m pytest tests/chaos -m chaos -s                    # CI: 6 faults, seed 1
-    CHAOS_FAULTS=100 CHAOS_SEED=7 python -m pytest tests/chaos -m chaos -s   # the soak
+    python -m pytest tests/chaos -m chaos -s                      # CI: 6 faults, seed 1
+    CHAOS_FAULTS=100 python -m pytest tests/chaos -m chaos -s     # the soak (CHAOS_SEED: 1)
 
-The number of epochs grows with CHAOS_FAULTS so training outlasts the faults (the soak of 100
-takes about three quarters of an hour on two cores). With -s the figures are printed; with
-CHAOS_REPORT=path they are also written there as JSON.
+The number of epochs grows with CHAOS_FAULTS so that training outlasts the faults: the soak of
+100 takes about ten minutes on two cores, the default run about one. With -s the figures are
+printed; with CHAOS_REPORT=path they are also written there as JSON. A failure names the
+directory holding every agent's output, the event log and the per-step records.
 """
 import json
 import os
 import time
 import uuid
 
+import psutil
 import pytest
 import torch
 
@@ -27,7 +31,9 @@ from tests.integration.test_training_semantics import surviving_steps
 
 from . import analysis
 from . import schedule as sched
-from .job import DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH, SCRIPT, ChaosJob, epochs_for, launcher_has
+from .history import Prescription, audit, round_worlds
+from .job import (DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH, SAMPLER_SEED, SCRIPT, STEPS_PER_EPOCH,
+                  ChaosJob, epochs_for, launcher_has)
 
 FAULTS = int(os.environ.get("CHAOS_FAULTS", "6"))
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
@@ -36,7 +42,7 @@ REPORT = os.environ.get("CHAOS_REPORT")
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 
-def reference_params(tmp, endpoint, run_id, epochs):
+def reference_params(tmp, endpoint, run_id, epochs, mark):
     """The same training in one undisturbed process."""
     tmp.mkdir()
     (tmp / "records").mkdir()
@@ -46,7 +52,7 @@ def reference_params(tmp, endpoint, run_id, epochs):
                    SCRIPT, "--checkpoint", tmp / "state.ckpt", "--out", tmp / "params.pt",
                    "--record-dir", tmp / "records", "--allowance-file", tmp / "allowance",
                    "--epochs", epochs, "--dataset", DATASET, "--step-sleep", 0],
-                  tmp, "reference", new_mark())
+                  tmp, "reference", mark)
     try:
         assert agent.wait(60 + 2 * epochs) == 0, agent.output()[-3000:]
     finally:
@@ -69,30 +75,52 @@ def test_training_survives_a_seeded_schedule_of_faults(tmp_path):
     started = time.time()
     try:
         job.start_etcd()
-        expected = reference_params(tmp_path / "reference", job.endpoint, run_id + "-ref", epochs)
+        expected = reference_params(tmp_path / "reference", job.endpoint, run_id + "-ref", epochs,
+                                    mark)
         job.start()
         job.run_faults()
         codes = job.finish(timeout=120 + 0.2 * epochs * DATASET / GLOBAL_BATCH)
         assert set(codes.values()) == {0}, f"the job did not finish: {codes}\n{job.evidence()}"
     finally:
         job.close()
-    wait_for(lambda: processes_with_mark(mark) == [], timeout=15, what="no process of the job left")
-
+    # Every invariant is checked, so that one broken does not hide another.
+    broken = []
+    try:
+        wait_for(lambda: processes_with_mark(mark) == [], timeout=15, what="the job's processes")
+    except AssertionError:
+        broken.append(f"processes outlived the job: {describe(processes_with_mark(mark))}")
     events = read_events(job.logs)
     final, attempts = surviving_steps(job.records)
-    fig = analysis.figures(job.injected, job.rank0_steps(), attempts, final, epochs, DATASET, events)
-    fig.update(seed=SEED, wall_s=round(time.time() - started, 1), exit_codes=codes)
+    history = audit(final, round_worlds(events), epochs, STEPS_PER_EPOCH,
+                    Prescription(DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH, SAMPLER_SEED))
+    broken += history.problems[:10]
+    if len(history.problems) > 10:
+        broken.append(f"... and {len(history.problems) - 10} more records off the sampler's shares")
+    if history.lost or history.duplicated:
+        broken.append(f"samples lost: {history.lost}, trained twice in an epoch: "
+                      f"{history.duplicated}")
+    for i, (a, e) in enumerate(zip(torch.load(job.params), expected)):
+        try:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8)
+        except AssertionError as exc:
+            broken.append(f"parameter {i} differs from the undisturbed run's: {exc}")
+    broken += [f"not in the event log: {m}" for m in analysis.unlogged(job.injected, events)]
+
+    fig = analysis.figures(job.injected, job.rank0_steps(), attempts, history, events)
+    fig.update(seed=SEED, wall_s=round(time.time() - started, 1), exit_codes=codes,
+               invariants_broken=broken)
     print(analysis.describe(fig))
     if REPORT:
         with open(REPORT, "w") as f:
             json.dump(fig, f, indent=2)
+    assert not broken, "\n".join(broken) + f"\nfiles under {tmp_path}"
 
-    total_steps = epochs * DATASET // GLOBAL_BATCH
-    assert sorted(final) == list(range(1, total_steps + 1)), "a step is missing from the history"
-    per_epoch = analysis.samples_per_epoch(final, epochs, DATASET)
-    assert all(lost == 0 and dup == 0 for lost, dup in per_epoch), \
-        f"epochs whose samples are not a permutation (lost, duplicated): {per_epoch}"
-    actual = torch.load(job.params)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8)
-    assert analysis.unlogged(job.injected, events) == []
+
+def describe(processes):
+    out = []
+    for p in processes:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            out.append(f"{p.pid} (gone)")
+    return out

@@ -44,11 +44,18 @@ def test_the_same_seed_gives_the_same_schedule_and_another_seed_another():
     assert make_schedule(5, 10).faults == make_schedule(5, 40).faults[:10]
 
 
-def test_the_ci_run_meets_every_kind_and_the_soak_meets_them_evenly():
-    ci = make_schedule(1, 6, WITHOUT_PREEMPT)
-    assert {f.kind for f in ci.faults} == set(WITHOUT_PREEMPT)
-    soak = Counter(f.kind for f in make_schedule(1, 100, WITHOUT_PREEMPT).faults)
-    assert sum(soak.values()) == 100 and min(soak.values()) >= 12, soak
+@pytest.mark.parametrize("kinds", [ALL_KINDS, WITHOUT_PREEMPT])
+def test_the_ci_run_meets_every_kind_and_the_soak_meets_them_evenly(kinds):
+    ci = make_schedule(1, 6, kinds)
+    assert ci.initial == ("n0", "n1", "n2") and {f.kind for f in ci.faults} == set(kinds)
+    soak = Counter(f.kind for f in make_schedule(1, 100, kinds).faults)
+    assert sum(soak.values()) == 100 and min(soak.values()) >= 10, soak
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_long_run_keeps_visiting_every_size(seed):
+    sizes = Counter(len(running) for running in replay(make_schedule(seed, 100)))
+    assert set(sizes) == {1, 2, 3} and sizes[2] >= 20 and sizes[3] >= 20, sizes
 
 
 def test_the_first_agent_is_a_target_too():

@@ -5,6 +5,7 @@ batch 10, micro-batches of at most 4) while agents join, are SIGKILLed and get S
 result must equal the same training in one process.
 """
 import json
+import re
 import signal
 from collections import defaultdict
 
@@ -128,7 +129,10 @@ def test_world_changes_train_like_one_process_with_every_sample_once(make_job, m
     job.allow(10**6)
     assert a.wait(120) == 0, a.output()[-3000:]
     out = a.output()
-    assert "PLAN world 2 -> 3 accum=1" in out and "PLAN world 2 -> 1 accum=3" in out
+    assert "PLAN world 2 -> 3 accum=1" in out
+    # Into world 1 from the plan of the last commit: world 2's, or world 3's when world 2 had
+    # not committed yet when b left (restart mode resumes from the checkpoint).
+    assert re.search(r"PLAN world [23] -> 1 accum=3", out)
     # Survivors keep their processes in place; restart mode starts new ones every time.
     rank0_pids = worker_pids(a, 0)
     assert len(rank0_pids) == (1 if mode == "in-place" else out.count("RESUMED")), out[-3000:]

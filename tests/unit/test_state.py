@@ -238,3 +238,12 @@ def test_payload_of_many_pieces_is_verified_piece_by_piece(tmp_path, monkeypatch
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorrupted, match="is corrupted"):
         fresh.load(path)
+
+
+def test_restore_drops_the_gradients_of_rolled_back_steps():
+    model = torch.nn.Linear(3, 1)
+    state = ElasticState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state.commit()
+    model(torch.ones(2, 3)).sum().backward()  # a step interrupted after its backward
+    state.restore()
+    assert all(p.grad is None for p in model.parameters())

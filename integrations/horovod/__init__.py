@@ -1,0 +1,1 @@
+"""Horovod workers under the elastic launcher: gloo rendezvous, elastic resets, host discovery."""
