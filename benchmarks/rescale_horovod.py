@@ -251,7 +251,8 @@ def report(results: Dict[str, List[Dict[str, Outcome]]], reps: int, timeout: flo
         for name in results:
             outcomes = [r[scenario] for r in results[name]]
             medians[name], paused[name] = Median.of(outcomes), Median.of(outcomes, "paused")
-            joined = Median.of(outcomes, "from_joined") if name == BASE else "-"
+            joined = Median.of(outcomes, "from_joined") \
+                if name == BASE and scenario == "scale-up" else "-"
             rec = Median.of(outcomes, "recomputed").seconds
             print(row(["median", name, str(medians[name]), str(joined), str(paused[name]),
                        "n/a" if rec is None else f"{rec:g}"]))

@@ -252,8 +252,9 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 
 def _check_horovod_backend(args) -> None:
     if args.rescale_mode == "in-place":
-        raise UsageError("--rescale-mode in-place starts workers in standby, which Horovod "
-                         "workers cannot do (hvd.init() needs their ranks); use auto or restart")
+        raise UsageError("--rescale-mode in-place cannot be forced on Horovod workers: they follow a "
+                         "new world in place only through hvd.elastic.run, which auto (the "
+                         "default) detects, and they pre-warm anyway")
     if args.hang_timeout is not None:
         raise UsageError("--hang-timeout watches step progress reported through the torch "
                          "in-place API; Horovod workers do not report it")

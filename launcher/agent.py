@@ -73,8 +73,8 @@ class AgentConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.backend == "horovod" and self.rescale_mode == "in-place":
-            raise ValueError("Horovod workers cannot wait in standby (hvd.init() needs their ranks); "
-                             "use rescale mode auto or restart")
+            raise ValueError("Horovod workers follow a round in place only through "
+                             "hvd.elastic.run, which auto detects; use rescale mode auto or restart")
 
 
 def _signal_pid(pid: int, sig: int) -> None:
