@@ -32,17 +32,7 @@ class Agent:
 
     def kill_node(self) -> None:
         """A node's death: the agent and every process under it, whatever their session."""
-        try:
-            tree = [psutil.Process(self.proc.pid)]
-            tree += tree[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(10)
+        kill_tree(self.proc)
 
     def signal(self, sig) -> None:
         self.proc.send_signal(sig)
@@ -53,6 +43,21 @@ class Agent:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.kill_node()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it (the agent first), then reap it."""
+    try:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(10)
 
 
 def new_mark() -> str:

@@ -1,14 +1,12 @@
 """Plain torchrun with `--rdzv-backend elastic-etcd`: agents as separate processes on 127.0.0.1."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
-import psutil
 import pytest
 
-from .agents import REPO, wait_for
+from .agents import REPO, kill_tree, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,17 +69,7 @@ class Torchrun:
 
     def kill(self) -> None:
         """SIGKILL the agent and every process under it."""
-        try:
-            root = psutil.Process(self.proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(10)
+        kill_tree(self.proc)
 
 
 class Job:
