@@ -1,48 +1,69 @@
-"""examples/train_elastic.py runs as the README shows it, and resumes from its checkpoint."""
+"""The README's example commands run as a user types them, in the environment the tests run in
+(a fresh virtual environment under `.ci/run`), and examples/train_elastic.py resumes from its
+checkpoint."""
 import os
 import re
+import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-import psutil
 import pytest
+
+from .agents import REPO, kill_tree
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
 
 
-def run_launcher(args, tmpdir, timeout=TIMEOUT_S):
+def run_launcher(args, tmpdir, timeout=TIMEOUT_S, cwd=REPO):
     """(exit code, output) of `python -m elastic.run ARGS`; its whole process tree is killed
     when it fails to finish in time, or when the test is interrupted. TMPDIR is `tmpdir`, so
     the embedded etcd's data dir of a killed run stays under the test's own directory."""
     env = dict(os.environ, TMPDIR=str(tmpdir))
-    proc = subprocess.Popen([sys.executable, "-m", "elastic.run", *map(str, args)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "elastic.run", *map(str, args)], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
     except BaseException:
-        kill_tree(proc.pid)
-        proc.communicate()
+        kill_tree(proc)
         raise
 
 
-def kill_tree(pid):
-    try:
-        root = psutil.Process(pid)
-        tree = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+def readme_command(contains):
+    """The README's `python -m elastic.run ...` command whose text contains `contains`, as the
+    argument list after `python -m elastic.run` (continuation lines joined)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        for part in line.split("&&"):
+            part = part.strip()
+            if part.startswith("python -m elastic.run ") and contains in part:
+                return shlex.split(part)[3:]
+    raise AssertionError(f"no `python -m elastic.run` command with {contains!r} in the README")
+
+
+def run_readme_command(contains, tmp_path):
+    """Run the README's command from a directory of its own that has the repository's
+    examples/, so relative paths in the command resolve and ./checkpoints lands there."""
+    workdir = tmp_path / "user"
+    workdir.mkdir()
+    (workdir / "examples").symlink_to(REPO / "examples")
+    return run_launcher(readme_command(contains), tmp_path, cwd=workdir)
+
+
+def test_readme_first_command_trains_on_the_embedded_etcd(tmp_path):
+    code, out = run_readme_command("examples/train.py", tmp_path)
+    assert code == 0, out[-3000:]
+    assert "DONE world=2" in out, out[-3000:]
+
+
+def test_readme_worker_api_example_trains_and_checkpoints(tmp_path):
+    code, out = run_readme_command("examples/train_elastic.py", tmp_path)
+    assert code == 0, out[-3000:]
+    assert "DONE" in out and steps(out)[-1] == 64, out[-3000:]
+    assert (tmp_path / "user" / "checkpoints" / "train_elastic.ckpt").is_file()
 
 
 def steps(out):
