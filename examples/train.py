@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -56,6 +57,7 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(NUM_FEATURES, 64), nn.ReLU(), nn.Linear(64, 1))
 
 
+@record  # an uncaught exception goes to the launcher's error file: the job's failure names it
 def main() -> None:
     args = parse_args()
     rank = int(os.environ["RANK"])

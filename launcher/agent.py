@@ -149,7 +149,7 @@ class ElasticAgent:
         finally:
             self.notices.stop()
             self.peers.stop()
-            self.workers.stop()
+            self.workers.close()
             self.membership.leave()
             self._health.close()
             if self.in_place:

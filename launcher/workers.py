@@ -9,8 +9,11 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,8 @@ from typing import IO, Callable, Iterable, Mapping, Optional, Tuple
 
 import psutil
 
+from rendezvous.scratch import make_scratch
+
 STDERR_TAIL_LINES = 200
 TRACEBACK_MAX_LINES = 50
 TRACEBACK_HEADER = "Traceback (most recent call last):"
@@ -29,6 +34,13 @@ READER_JOIN_TIMEOUT_S = 2.0
 STOP_POLL_INTERVAL_S = 0.05
 KILL_WAIT_S = 10.0
 _PR_SET_PDEATHSIG = 1
+# torch's excepthook (installed by init_process_group) prefixes every line of a traceback with
+# "[rank<N>]: ", once per initialisation: in-place workers that re-initialised show it nested.
+# We add our own prefix, so theirs is dropped (otherwise "[rank1]: [rank1]: Traceback ...").
+TORCH_RANK_PREFIX = re.compile(r"^(?:\[rank\d+\]: )+")
+# torchrun's root-cause file: torch.distributed.elastic's @record writes the exception there.
+ENV_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+SCRATCH_PREFIX = "elastic-workers-"
 
 # Shared by every group so that console lines of different ranks never interleave mid-line.
 _CONSOLE_LOCK = threading.Lock()
@@ -99,8 +111,9 @@ class WorkerFailure:
     local_rank: int
     pid: int
     exitcode: int
-    time: float
+    time: float  # when the process exited
     traceback: str
+    message: str = ""  # the exception ("ValueError: boom"), from the error file or the traceback
 
     def describe(self) -> str:
         who = f"rank {self.rank} (local rank {self.local_rank}, pid {self.pid})"
@@ -111,8 +124,8 @@ class WorkerFailure:
             what = f"was killed by signal {name}"
         else:
             what = f"exited with code {self.exitcode}"
-        last = [line for line in self.traceback.splitlines() if line.strip()]
-        return f"{who} {what}" + (f": {last[-1].strip()}" if last else "")
+        cause = self.message or exception_line(self.traceback)
+        return f"{who} {what}" + (f": {cause}" if cause else "")
 
 
 @dataclass(frozen=True)
@@ -125,14 +138,17 @@ class GroupState:
 
 def worker_env(
     base: Mapping[str, str], spec: WorkerSpec, assignment: Optional[WorldAssignment],
-    local_rank: int
+    local_rank: int, error_file: Optional[str] = None
 ) -> dict[str, str]:
     """One worker's environment: base (the agent's), then extra_env, then the round's env, then
     what torchrun sets, then the backend's (spec.rank_env). Without an assignment (standby) the
-    worker gets no world: it waits for one on its agent channel."""
+    worker gets no world: it waits for one on its agent channel. error_file becomes
+    TORCHELASTIC_ERROR_FILE, where torch's @record writes an uncaught exception."""
     env = dict(base)
     env.update(spec.extra_env)
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
+    if error_file is not None:
+        env[ENV_ERROR_FILE] = error_file
     if assignment is None:
         env.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(spec.nproc),
                    PYTHONUNBUFFERED="1", ELASTIC_STANDBY="1")
@@ -176,14 +192,43 @@ def _die_with_agent(agent_pid: int):
     return preexec
 
 
+def exception_line(traceback: str) -> str:
+    """The last non-blank line of a traceback: the exception and its message."""
+    last = [line for line in traceback.splitlines() if line.strip()]
+    return last[-1].strip() if last else ""
+
+
+def read_error_file(path: str) -> Tuple[str, str]:
+    """(exception line, traceback) from a torchrun error file; ("", "") if there is none.
+
+    torch writes {"message": {"message": "ValueError: boom", "extraInfo": {"py_callstack": ...,
+    "timestamp": ...}}}; a plain string message is accepted too."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return "", ""
+    message = data.get("message") if isinstance(data, dict) else None
+    if isinstance(message, str):
+        return message.strip(), ""
+    if not isinstance(message, dict):
+        return "", ""
+    extra = message.get("extraInfo") or {}
+    tb = extra.get("py_callstack", "") if isinstance(extra, dict) else ""
+    return str(message.get("message", "")).strip(), _clip(str(tb).rstrip().splitlines())
+
+
+def _clip(tb: list) -> str:
+    if len(tb) > TRACEBACK_MAX_LINES:  # keep the header and the end, where the error is
+        tb = [tb[0], "  ..."] + tb[-(TRACEBACK_MAX_LINES - 2):]
+    return "\n".join(tb)
+
+
 def _last_traceback(lines: Iterable[str]) -> str:
     lines = list(lines)
     for start in range(len(lines) - 1, -1, -1):
         if lines[start].startswith(TRACEBACK_HEADER):
-            tb = lines[start:]
-            if len(tb) > TRACEBACK_MAX_LINES:  # keep the header and the end, where the error is
-                tb = [tb[0], "  ..."] + tb[-(TRACEBACK_MAX_LINES - 2):]
-            return "\n".join(tb)
+            return _clip(lines[start:])
     return ""
 
 
@@ -197,17 +242,31 @@ def _alive(proc: psutil.Process) -> bool:
 class _Worker:
     """One spawned rank: its process, the threads reading its pipes, its log and recent stderr."""
 
-    def __init__(self, local_rank: int, rank: int, proc: subprocess.Popen, log: Optional[IO[str]]):
+    def __init__(self, local_rank: int, rank: int, proc: subprocess.Popen, log: Optional[IO[str]],
+                 error_file: Optional[str] = None):
         self.local_rank, self.rank, self.proc, self.log = local_rank, rank, proc, log
+        self.error_file = error_file
         self.log_lock = threading.Lock()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.readers: list[threading.Thread] = []
+        self.exited_at: Optional[float] = None
+        threading.Thread(target=self._watch_exit, name=f"exit-{proc.pid}", daemon=True).start()
+
+    def _watch_exit(self) -> None:
+        """Note when the process exits, without reaping it (Popen.poll does that): when several
+        ranks fail, the first to die is the root cause, the others fail in collectives after."""
+        try:
+            os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # already reaped by poll()
+        self.exited_at = time.time()
 
     def pump(self, pipe: IO[bytes], console: str, echo: bool) -> None:
         with pipe:
             for raw in pipe:
                 prefix = f"[{_label(self.rank, self.local_rank)}]: "  # in-place ranks change
-                line = raw.decode("utf-8", errors="replace").rstrip("\n") + "\n"
+                text = raw.decode("utf-8", errors="replace").rstrip("\n")
+                line = TORCH_RANK_PREFIX.sub("", text) + "\n"
                 if console == "stderr":
                     self.stderr_tail.append(line[:-1])
                 with self.log_lock:
@@ -267,6 +326,7 @@ class WorkerGroup:
         self.spec = spec
         self._workers: list[_Worker] = []
         self._failure: Optional[WorkerFailure] = None
+        self._scratch: Optional[str] = None  # the workers' error files; removed by close()
 
     @property
     def pids(self) -> list[int]:
@@ -300,14 +360,20 @@ class WorkerGroup:
             round_dir = os.path.join(self.spec.log_dir, name)
             os.makedirs(round_dir, exist_ok=True)
         preexec, base = _die_with_agent(os.getpid()), dict(os.environ)
+        if self._scratch is None:
+            self._scratch = make_scratch(SCRATCH_PREFIX)
         for local_rank in range(self.spec.nproc):
             rank = assignment.rank_offset + local_rank if assignment else None
             file = f"rank{rank}.log" if assignment else f"local{local_rank}.log"
             log = open(os.path.join(round_dir, file), "a", encoding="utf-8") \
                 if round_dir else None
+            error_file = os.path.join(self._scratch, f"error-local{local_rank}.json")
+            if os.path.exists(error_file):
+                os.unlink(error_file)  # a file left by this rank's previous process
             try:
                 proc = subprocess.Popen(
-                    self.spec.argv, env=worker_env(base, self.spec, assignment, local_rank),
+                    self.spec.argv,
+                    env=worker_env(base, self.spec, assignment, local_rank, error_file),
                     stdin=subprocess.DEVNULL,  # workers must not compete with the agent for a tty
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True, preexec_fn=preexec,
@@ -321,7 +387,7 @@ class WorkerGroup:
                     f"{self.spec.argv[0]!r}"
                     f" (command: {shlex.join(self.spec.argv)}); check the path to the executable"
                 ) from exc
-            worker = _Worker(local_rank, rank, proc, log)
+            worker = _Worker(local_rank, rank, proc, log, error_file)
             for pipe, console in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                 reader = threading.Thread(
                     target=worker.pump, args=(pipe, console, self.spec.echo),
@@ -342,10 +408,11 @@ class WorkerGroup:
             return GroupState("stopped")
         codes = [w.proc.poll() for w in self._workers]
         if self._failure is None:
-            for worker, code in zip(self._workers, codes):
-                if code is not None and code != 0:
-                    self._failure = self._failure_of(worker, code)
-                    break
+            failed = [(w, c) for w, c in zip(self._workers, codes) if c is not None and c != 0]
+            if failed:
+                # The root cause is the rank that died first; its peers fail after it.
+                worker, code = min(failed, key=lambda wc: wc[0].exited_at or time.time())
+                self._failure = self._failure_of(worker, code)
         if self._failure is not None:
             return GroupState("failed", self._failure)
         if all(code == 0 for code in codes):
@@ -356,11 +423,16 @@ class WorkerGroup:
         return GroupState("running")
 
     def _failure_of(self, worker: _Worker, code: int) -> WorkerFailure:
-        noticed = time.time()
+        """The failure of one worker: what it wrote to its error file (torch's @record), else
+        the last traceback in its stderr."""
+        exited = worker.exited_at or time.time()
         worker.readers[1].join(READER_JOIN_TIMEOUT_S)  # the stderr reader: the traceback is last
+        message, tb = read_error_file(worker.error_file) if worker.error_file else ("", "")
+        if not tb:
+            tb = _last_traceback(worker.stderr_tail)
         return WorkerFailure(
             rank=worker.rank, local_rank=worker.local_rank, pid=worker.proc.pid, exitcode=code,
-            time=noticed, traceback=_last_traceback(worker.stderr_tail),
+            time=exited, traceback=tb, message=message or exception_line(tb),
         )
 
     def stop(self, sig: int = signal.SIGTERM, grace_period_s: Optional[float] = None) -> None:
@@ -389,3 +461,10 @@ class WorkerGroup:
             for reader in w.readers:
                 reader.join(READER_JOIN_TIMEOUT_S)
             w.close_log()
+
+    def close(self) -> None:
+        """Stop the workers and remove the group's scratch directory."""
+        self.stop()
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

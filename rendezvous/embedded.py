@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from typing import List, Optional
 
@@ -23,12 +22,14 @@ import psutil
 
 from rendezvous.api import RendezvousConnectionError, RendezvousError
 from rendezvous.connect import connect, format_endpoint
+from rendezvous.scratch import make_scratch
 
 STOP_GRACE_SECONDS = 5.0
 START_POLL_SECONDS = 0.5  # how long one readiness probe waits before process liveness is rechecked
 PORT_RETRIES = 3  # fresh attempts when a port we picked was taken before etcd bound it
 LOG_EXCERPT_LINES = 8
 LOG_NAME = "etcd.log"
+TEMP_PREFIX = "elastic-etcd-"
 
 # Light enough for tests, ample for a rendezvous: a handful of small keys per node.
 ETCD_TUNING = [
@@ -52,7 +53,8 @@ class EmbeddedEtcd:
     """Starts etcd on host (loopback by default) with its own data dir; removes what it created when stopped.
 
     port 0 picks free client and peer ports. data_dir None uses a fresh temporary directory that
-    stop() removes; a given data_dir is created if missing and always kept, so a restart on it
+    stop() removes (or the next start in any process, if this one is killed before it can; see
+    `rendezvous.scratch`); a given data_dir is created if missing and always kept, so a restart on it
     finds the same keys. The peer port always listens on loopback: the cluster has one member.
 
     Note that the death signal follows the *thread* that called start(): start it from a
@@ -94,7 +96,8 @@ class EmbeddedEtcd:
         if self.port and not _port_free(self.host, self.port):
             raise _port_in_use(self.host, self.port)
         if self._owns_data_dir:
-            self.data_dir = self._temp_dir = tempfile.mkdtemp(prefix="elastic-etcd-")
+            # Owned by this process: if it is SIGKILLed, the next start removes it.
+            self.data_dir = self._temp_dir = make_scratch(TEMP_PREFIX)
         else:
             try:
                 os.makedirs(self.data_dir, mode=0o700, exist_ok=True)

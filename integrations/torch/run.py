@@ -20,9 +20,8 @@ and the launcher restarts the workers.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
-
 import os
+from typing import Callable, Optional, TypeVar
 
 from .world import ElasticWorld, LeftJob, WorldChanged
 
@@ -31,6 +30,17 @@ T = TypeVar("T")
 
 def run(train: Callable[[ElasticWorld], T], state, *, checkpoint: Optional[str] = None,
         world: Optional[ElasticWorld] = None) -> T:
+    try:
+        return _run(train, state, checkpoint, world)
+    except Exception as exc:
+        # As torch's @record: the launcher reads the exception from TORCHELASTIC_ERROR_FILE
+        # (the root cause of the job's failure) instead of searching the worker's log.
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+        get_error_handler().record_exception(exc)
+        raise
+
+
+def _run(train, state, checkpoint, world):
     world = world or ElasticWorld()
     world.join()
     state.plan = world.plan

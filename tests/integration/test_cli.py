@@ -109,3 +109,20 @@ def test_ctrl_c_stops_workers_and_removes_the_embedded_etcd(tmp_path):
     assert processes_with_mark(mark) == []
     assert etcd_dirs(tmpdir) == []
     assert read_events(tmp_path / "logs")[-1]["cause"] == "sigint"
+
+
+def test_a_script_raising_after_init_names_the_exception_in_the_summary(tmp_path):
+    script = tmp_path / "boom_after_init.py"
+    script.write_text(
+        "import os, time\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "if os.environ['RANK'] == '0':\n    raise ValueError('boom')\n"
+        "dist.barrier()  # rank 1 fails in the collective once rank 0 is gone\n")
+    code, out = run_agent(tmp_path, ["--nproc-per-node", "2", script])
+    assert code == 1
+    [line] = error_lines(out)
+    assert "job failed: rank 0 (local rank 0" in line and line.endswith(
+        "max_restarts=0 exhausted") and ": ValueError: boom on node" in line, line
+    below = out[out.index(line):]
+    assert "Traceback (most recent call last):" in below and "ValueError: boom" in below
+    assert "[rank0]: [rank0]:" not in out and "[rank1]: [rank1]:" not in out

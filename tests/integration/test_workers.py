@@ -257,3 +257,65 @@ def test_stop_before_start_does_nothing():
     group = WorkerGroup(WorkerSpec(argv=("true",), nproc=1))
     group.stop()
     assert group.poll().status == "stopped" and not group.running
+
+
+def test_torch_rank_prefix_is_dropped_so_the_traceback_is_found_and_not_prefixed_twice(
+        tmp_path, capfd, groups):
+    # What torch's excepthook writes after init_process_group (nested after a re-initialisation).
+    argv = script(tmp_path, "prefixed.py", """
+        import sys
+        for line in ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                     "ValueError: boom after init"]:
+            print("[rank1]: [rank0]: " + line, file=sys.stderr)
+        sys.exit(1)
+    """)
+    group = WorkerGroup(WorkerSpec(argv=argv, nproc=1))
+    groups.append(group)
+    group.start(assignment(rank_offset=1))
+
+    failure = wait_for_status(group, "failed").failure
+    assert failure.message == "ValueError: boom after init"
+    assert failure.traceback.splitlines()[0] == "Traceback (most recent call last):"
+    assert failure.describe().endswith("exited with code 1: ValueError: boom after init")
+    group.stop()
+    err = capfd.readouterr().err.splitlines()
+    assert err[-1] == "[rank1]: ValueError: boom after init"
+    assert not any("[rank0]" in line for line in err)
+
+
+def test_error_file_written_by_torch_record_is_the_failure_cause(tmp_path, groups):
+    argv = script(tmp_path, "recorded.py", """
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        @record
+        def main():
+            raise ValueError("boom, recorded")
+
+        main()
+    """)
+    group = WorkerGroup(WorkerSpec(argv=argv, nproc=1, echo=False))
+    groups.append(group)
+    group.start(assignment(world_size=1))
+
+    failure = wait_for_status(group, "failed").failure
+    assert failure.message == "ValueError: boom, recorded"
+    assert "raise ValueError" in failure.traceback  # the traceback came with it
+    assert failure.describe().endswith(": ValueError: boom, recorded")
+
+
+def test_the_rank_that_died_first_is_the_cause_even_if_a_lower_rank_died_too(tmp_path, groups):
+    argv = script(tmp_path, "cascade.py", """
+        import os, time
+        if os.environ["RANK"] == "1":
+            raise ValueError("the real cause")
+        time.sleep(0.5)  # rank 0 fails after it, as a peer of a dead rank does in a collective
+        raise RuntimeError("Connection closed by peer")
+    """)
+    group = WorkerGroup(WorkerSpec(argv=argv, nproc=2, echo=False))
+    groups.append(group)
+    group.start(assignment())
+    pids = group.pids
+    wait_until(lambda: all(gone(pid) for pid in pids), "both ranks to exit")
+
+    failure = wait_for_status(group, "failed").failure
+    assert failure.rank == 1 and failure.message == "ValueError: the real cause"
