@@ -6,16 +6,22 @@ etcd when no --rdzv-endpoint is given, and runs this node's agent until the job 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
 import signal
 import socket
 import sys
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from elastic.torchrun_compat import (BACKENDS, IGNORED_CONF, TLS_CONF, CompatError,
+                                     RendezvousPlan, add_torchrun_flags, console_quiet,
+                                     ignored_note, parse_bool, rendezvous_plan, resolve_nproc)
 
 USAGE_ERROR = 2
+HOSTED_CONNECT_TIMEOUT_S = 60.0  # joining a rendezvous that another node starts: wait for it
 
 RDZV_CONF_KEYS = {
     "join_timeout": float,
@@ -31,6 +37,11 @@ RDZV_CONF_KEYS = {
 
 class UsageError(ValueError):
     """Bad command-line input; the message says what to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and a hint, instead of argparse's usage text
+        raise UsageError(f"{message}; run `{self.prog} --help` to see the flags")
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,11 @@ class RunConfig:
     hang_timeout: Optional[float] = None
     notices: object = None  # launcher.preemption.NoticeConfig
     backend: str = "torch"
+    rendezvous: RendezvousPlan = RendezvousPlan(None)
+    node_rank: Optional[int] = None
+    role: str = "default"
+    console_quiet: Mapping[int, FrozenSet[str]] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()  # said once at start: what torchrun flags did and did not do
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -74,12 +90,14 @@ def parse_nnodes(text: str) -> Tuple[int, int]:
 
 
 def parse_rdzv_conf(text: str) -> dict:
+    """Our rendezvous settings from --rdzv-conf; torchrun's own keys are read by
+    `torchrun_conf` (torchrun's `timeout` is our join_timeout)."""
     conf = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in RDZV_CONF_KEYS:
-            known = ", ".join(sorted(RDZV_CONF_KEYS))
-            raise UsageError(f"--rdzv-conf {item!r}: expected KEY=VALUE with KEY one of {known}")
+    for key, value in _conf_items(text):
+        if key == "timeout":
+            key = "join_timeout"
+        if key in IGNORED_CONF or key == "is_host":
+            continue
         try:
             conf[key] = RDZV_CONF_KEYS[key](value)
         except ValueError:
@@ -89,8 +107,36 @@ def parse_rdzv_conf(text: str) -> dict:
     return conf
 
 
+def torchrun_conf(text: str) -> Tuple[Optional[bool], Dict[str, str]]:
+    """(is_host, {ignored key: why}) from torchrun's keys in --rdzv-conf."""
+    is_host, ignored = None, {}
+    for key, value in _conf_items(text):
+        if key == "is_host":
+            try:
+                is_host = parse_bool(key, value)
+            except CompatError as exc:
+                raise UsageError(str(exc)) from None
+        elif key in IGNORED_CONF:
+            ignored[key] = IGNORED_CONF[key]
+    return is_host, ignored
+
+
+def _conf_items(text: str):
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key in TLS_CONF:
+            raise UsageError(f"--rdzv-conf {key}: TLS to etcd is not supported yet; reach etcd "
+                             "over a private network or an SSH tunnel")
+        known = key in RDZV_CONF_KEYS or key in IGNORED_CONF or key in ("timeout", "is_host")
+        if not sep or not known:
+            keys = ", ".join(sorted(RDZV_CONF_KEYS))
+            raise UsageError(f"--rdzv-conf {item!r}: expected KEY=VALUE with KEY one of {keys}")
+        yield key, value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m elastic.run",
         description="Start this node's elastic agent: it joins the job's etcd rendezvous and runs "
                     "--nproc-per-node workers of the training script in the current world, growing "
@@ -98,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nnodes", default="1:1", help="nodes in the job: N, or MIN:MAX for an elastic "
                    "job (default 1:1)")
-    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
-                   help="worker processes on this node (default 1)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", default="1",
+                   help="worker processes on this node: a number, or as torchrun auto (one per "
+                        "GPU or other accelerator, else per CPU), cpu, gpu, xpu (default 1)")
     p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None,
                    help="etcd v3 endpoint shared by all nodes, host:port or etcd://host:port; "
                         "omit it to start an embedded etcd on 127.0.0.1 for a one-machine job")
-    p.add_argument("--rdzv-backend", "--rdzv_backend", default="etcd", choices=["etcd", "etcd-v3"],
-                   help="rendezvous backend (etcd v3; the only one)")
+    p.add_argument("--rdzv-backend", "--rdzv_backend", default=None, choices=BACKENDS,
+                   help="etcd (default; etcd-v2 and etcd-v3 are the same here: the etcd v3 API), "
+                        "or torchrun's c10d (the agent on the endpoint's host hosts an etcd "
+                        "there) or static (node rank 0 hosts an etcd at "
+                        "MASTER_ADDR:MASTER_PORT; the default when --master-addr or "
+                        "--node-rank is given without --rdzv-endpoint)")
     p.add_argument("--rdzv-id", "--rdzv_id", default="default",
                    help="job id: all nodes of a job use the same one; jobs sharing an etcd use "
                         "different ones (default: default)")
@@ -131,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address other nodes use to reach this one (default: the address that "
                         "routes to the rendezvous endpoint)")
     p.add_argument("--master-port", "--master_port", type=int, default=None,
-                   help="port of the rank-0 store when this node holds rank 0 (default: a free one)")
+                   help="port of the rank-0 store when this node holds rank 0 (default: a free "
+                        "one); with a static rendezvous, the port of the rendezvous")
     p.add_argument("--grace-period", type=float, default=5.0,
                    help="seconds workers get after SIGTERM before they are killed (default 5)")
     p.add_argument("--backend", choices=["torch", "horovod"], default="torch",
@@ -183,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient-accumulation steps")
     p.add_argument("--lr-warmup-steps", type=int, default=0,
                    help="steps over which the learning-rate factor ramps after each change")
+    add_torchrun_flags(p)
     p.add_argument("-m", "--module", action="store_true",
                    help="run the script as a Python module, as python -m does")
     p.add_argument("--no-python", "--no_python", action="store_true",
@@ -200,19 +253,44 @@ def _worker_argv(args) -> Tuple[str, ...]:
             raise UsageError(f"executable {args.script!r} not found on PATH or not executable")
         return (args.script, *args.script_args)
     if args.module:
+        _check_module(args.script)
         return (sys.executable, "-u", "-m", args.script, *args.script_args)
-    if not os.path.isfile(args.script):
+    if os.path.isdir(args.script):
+        if not os.path.isfile(os.path.join(args.script, "__main__.py")):
+            raise UsageError(f"training script {args.script!r} is a directory (with no "
+                             "__main__.py); give the script file in it, e.g. "
+                             f"{os.path.join(args.script, 'train.py')}")
+    elif not os.path.isfile(args.script):
         raise UsageError(f"training script {args.script!r} not found (working directory "
                          f"{os.getcwd()}); check the path")
     return (sys.executable, "-u", args.script, *args.script_args)
+
+
+def _check_module(name: str) -> None:
+    """-m NAME must be importable by the workers (python -m puts the working directory first on
+    the path), so that a typo fails here, before etcd and workers start."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    finally:
+        sys.path.pop(0)
+    if not found:
+        raise UsageError(f"module {name!r} (-m) not found from the working directory "
+                         f"{os.getcwd()} or the Python path; check its name, or run from the "
+                         "directory that contains it")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     low, high = parse_nnodes(args.nnodes)
-    if args.nproc_per_node < 1:
-        raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    try:
+        nproc, nproc_note = resolve_nproc(args.nproc_per_node)
+        quiet = console_quiet(nproc, args.redirects, args.local_ranks_filter)
+    except CompatError as exc:
+        raise UsageError(str(exc)) from None
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts must not be negative, got {args.max_restarts}")
     if args.hang_timeout is not None and args.hang_timeout <= 0:
@@ -226,28 +304,64 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise UsageError("--standalone starts its own etcd; leave out --rdzv-endpoint or --standalone")
     if args.rdzv_id in ("", ".") or "/" in args.rdzv_id:
         raise UsageError(f"--rdzv-id {args.rdzv_id!r} must be non-empty and contain no '/'")
-    endpoint = None
+    if args.node_rank is not None and args.node_rank < 0:
+        raise UsageError(f"--node-rank must not be negative, got {args.node_rank}")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise UsageError(f"--master-port {args.master_port} is not a port number")
+    rdzv_conf = parse_rdzv_conf(args.rdzv_conf)
+    is_host, ignored_conf = torchrun_conf(args.rdzv_conf)
+    plan = _rendezvous(args, high, is_host)
+    if plan.hosting is not None and "connect_timeout" not in rdzv_conf:
+        rdzv_conf["connect_timeout"] = HOSTED_CONNECT_TIMEOUT_S
+    if args.backend == "horovod":
+        _check_horovod_backend(args)
+    notes = [n for n in (nproc_note, ignored_note(args, ignored_conf)) if n]
+    if args.master_addr is not None and plan.backend != "static":
+        notes.append(f"--master-addr is used by a static rendezvous only; with {plan.backend} "
+                     "the rank-0 store is on the node holding rank 0, at its --local-addr")
+    if (args.redirects.strip() not in ("", "0") or args.tee.strip() not in ("", "0")) \
+            and not args.log_dir:
+        notes.append("--redirects/--tee: log files are written only with --log-dir DIR "
+                     "(DIR/round<N>/rank<R>.log)")
+    grace = args.shutdown_timeout if args.shutdown_timeout is not None else args.grace_period
+    return RunConfig(
+        backend=args.backend,
+        batch_policy=_batch_policy(args, low, high, nproc), rescale_mode=args.rescale_mode,
+        hang_timeout=args.hang_timeout, notices=_notice_config(args),
+        min_nodes=low, max_nodes=high, nproc=nproc,
+        endpoint=None if plan.endpoint is None else _format(plan.endpoint),
+        run_id=args.rdzv_id, rdzv_conf=rdzv_conf,
+        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+        log_dir=args.log_dir, local_addr=args.local_addr,
+        # With a static rendezvous --master-port is the rendezvous's port (as in torchrun,
+        # where one store serves both); the rank-0 store then takes a free port.
+        master_port=None if plan.backend == "static" and plan.hosting else args.master_port,
+        grace_period=grace, argv=_worker_argv(args), rendezvous=plan,
+        node_rank=args.node_rank, role=args.role, console_quiet=quiet, notes=tuple(notes),
+    )
+
+
+def _format(endpoint: Tuple[str, int]) -> str:
+    from rendezvous.connect import format_endpoint
+    return format_endpoint(*endpoint)
+
+
+def _rendezvous(args, max_nodes: int, is_host: Optional[bool]) -> RendezvousPlan:
+    endpoint, has_port = None, False
     if args.rdzv_endpoint:
         from rendezvous.connect import parse_endpoint
         try:
-            host, port = parse_endpoint(args.rdzv_endpoint)
+            endpoint = parse_endpoint(args.rdzv_endpoint)
         except ValueError as exc:
             raise UsageError(f"--rdzv-endpoint: {exc}") from None
-        endpoint = f"{host}:{port}"
-    if args.master_port is not None and not 0 < args.master_port < 65536:
-        raise UsageError(f"--master-port {args.master_port} is not a port number")
-    if args.backend == "horovod":
-        _check_horovod_backend(args)
-    return RunConfig(
-        backend=args.backend,
-        batch_policy=_batch_policy(args, low, high), rescale_mode=args.rescale_mode,
-        hang_timeout=args.hang_timeout, notices=_notice_config(args),
-        min_nodes=low, max_nodes=high, nproc=args.nproc_per_node, endpoint=endpoint,
-        run_id=args.rdzv_id, rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
-        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
-        log_dir=args.log_dir, local_addr=args.local_addr, master_port=args.master_port,
-        grace_period=args.grace_period, argv=_worker_argv(args),
-    )
+        has_port = args.rdzv_endpoint.rstrip("/").rsplit("]", 1)[-1].count(":") > 0
+    backend = args.rdzv_backend
+    if backend is not None and backend.startswith("etcd") and args.master_addr is not None \
+            and endpoint is None:
+        raise UsageError(f"--rdzv-backend {backend} needs --rdzv-endpoint (the etcd to use); "
+                         "--master-addr names a static rendezvous")
+    return rendezvous_plan(backend, endpoint, has_port, args.master_addr, args.master_port,
+                           args.node_rank, max_nodes, args.standalone, is_host)
 
 
 def _check_horovod_backend(args) -> None:
@@ -278,7 +392,7 @@ def _notice_config(args):
         raise UsageError(str(exc)) from None
 
 
-def _batch_policy(args, min_nodes: int, max_nodes: int):
+def _batch_policy(args, min_nodes: int, max_nodes: int, nproc: int):
     """The policy named on the command line, checked against every world this node can be in."""
     from elastic.policy import BatchPolicyError, make_policy
 
@@ -287,13 +401,13 @@ def _batch_policy(args, min_nodes: int, max_nodes: int):
         if args.global_batch_size is None and args.per_worker_batch_size is None:
             return None
         name = "fixed" if args.global_batch_size is not None else "linear"
-    smallest = min_nodes * args.nproc_per_node
+    smallest = min_nodes * nproc
     try:
         policy = make_policy(
             name, global_batch=args.global_batch_size, per_worker_batch=args.per_worker_batch_size,
             reference_world=args.reference_world_size or smallest,
             max_micro_batch=args.max_micro_batch, warmup_steps=args.lr_warmup_steps)
-        for world in range(smallest, max_nodes * args.nproc_per_node + 1, args.nproc_per_node):
+        for world in range(smallest, max_nodes * nproc + 1, nproc):
             policy.plan(world)
     except BatchPolicyError as exc:
         raise UsageError(str(exc)) from None
@@ -326,23 +440,29 @@ def run(config: RunConfig) -> int:
     from launcher.workers import WorkerSpec
     from rendezvous.api import RendezvousSettings
     from rendezvous.embedded import EmbeddedEtcd
+    from rendezvous.hosting import linger_for_others, start_or_join
     from rendezvous.store import EtcdStore
 
+    log = logging.getLogger("elastic")
+    for note in config.notes:
+        log.info("%s", note)
     conf = dict(config.rdzv_conf)
     connect_timeout = conf.pop("connect_timeout", 5.0)
     settings = RendezvousSettings(run_id=config.run_id, min_nodes=config.min_nodes,
                                   max_nodes=config.max_nodes, max_restarts=config.max_restarts,
                                   **conf)
-    embedded = store = None
+    embedded = store = agent = None
     try:
         endpoint = config.endpoint
+        plan = config.rendezvous
         if endpoint is None:
             embedded = EmbeddedEtcd()
             endpoint = embedded.start()
             if config.max_nodes > 1:
-                logging.getLogger("elastic").info(
-                    "embedded etcd at %s; other nodes join with --rdzv-endpoint %s (the job "
-                    "ends if this agent stops)", endpoint, endpoint)
+                log.info("embedded etcd at %s; other nodes join with --rdzv-endpoint %s (the job "
+                         "ends if this agent stops)", endpoint, endpoint)
+        elif plan.hosting is not None:
+            embedded = start_or_join(*plan.endpoint, plan.hosting, connect_timeout)
         host = config.local_addr or local_address(endpoint.rpartition(":")[0])
         if config.master_port is not None:
             _check_port_free(host, config.master_port)
@@ -351,17 +471,22 @@ def run(config: RunConfig) -> int:
         if config.log_dir:
             os.makedirs(config.log_dir, exist_ok=True)
         spec = WorkerSpec(argv=config.argv, nproc=config.nproc, log_dir=config.log_dir,
-                          grace_period_s=config.grace_period)
+                          grace_period_s=config.grace_period, role=config.role,
+                          console_quiet=config.console_quiet)
         agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
                                          monitor_interval=config.monitor_interval,
                                          master_port=config.master_port,
                                          batch_policy=config.batch_policy,
                                          rescale_mode=config.rescale_mode,
                                          hang_timeout=config.hang_timeout,
-                                         notices=config.notices, backend=config.backend),
+                                         notices=config.notices, backend=config.backend,
+                                         rank_hint=config.node_rank, endpoint=endpoint),
                              store, events_path=events)
         return agent.run()
     finally:
+        if embedded is not None and store is not None and agent is not None \
+                and plan.hosting is not None:
+            linger_for_others(store, agent.node_id, settings.lease_ttl + 5.0)
         if store is not None:
             store.close()
         if embedded is not None:

@@ -68,6 +68,8 @@ class AgentConfig:
     hang_timeout: Optional[float] = None  # kill in-place workers with no progress for this long
     notices: Optional[NoticeConfig] = None  # preemption notice sources besides SIGTERM/SIGINT
     backend: str = "torch"  # or "horovod": Horovod workers (integrations.horovod)
+    rank_hint: Optional[int] = None  # --node-rank: this node's place among nodes joining together
+    endpoint: str = ""  # where the rendezvous is, for messages
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -100,7 +102,7 @@ class ElasticAgent:
         self._health = HealthServer(config.host, self.node_id)
         self.membership = Membership(
             store, config.settings, host=config.host, nproc=config.workers.nproc,
-            health_addr=self._health.addr, node_id=self.node_id)
+            health_addr=self._health.addr, node_id=self.node_id, rank_hint=config.rank_hint)
         self.events = EventLog(events_path, self.node_id)
         self.in_place = None
         self._guard = None

@@ -62,6 +62,10 @@ class WorkerSpec:
     echo: bool = True
     # A backend's per-worker variables (Horovod's ranks and rendezvous), called at each spawn.
     rank_env: Optional[Callable[["WorldAssignment", int], Mapping[str, str]]] = None
+    role: str = "default"  # ROLE_NAME, as torchrun's --role
+    # local rank -> streams ("stdout", "stderr") kept off the console (--redirects,
+    # --local-ranks-filter); the log files and the failure report still have them.
+    console_quiet: Mapping[int, frozenset] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -160,7 +164,7 @@ def worker_env(
         RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(a.world_size),
         LOCAL_WORLD_SIZE=str(spec.nproc), GROUP_RANK=str(a.group_rank),
         GROUP_WORLD_SIZE=str(a.group_world_size), ROLE_RANK=str(rank),
-        ROLE_WORLD_SIZE=str(a.world_size), ROLE_NAME="default", MASTER_ADDR=a.master_addr,
+        ROLE_WORLD_SIZE=str(a.world_size), ROLE_NAME=spec.role, MASTER_ADDR=a.master_addr,
         MASTER_PORT=str(a.master_port), TORCHELASTIC_RUN_ID=a.run_id,
         TORCHELASTIC_RESTART_COUNT=str(a.restart_count),
         TORCHELASTIC_MAX_RESTARTS=str(a.max_restarts), TORCHELASTIC_USE_AGENT_STORE="False",
@@ -388,9 +392,10 @@ class WorkerGroup:
                     f" (command: {shlex.join(self.spec.argv)}); check the path to the executable"
                 ) from exc
             worker = _Worker(local_rank, rank, proc, log, error_file)
+            quiet = self.spec.console_quiet.get(local_rank, ())
             for pipe, console in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                 reader = threading.Thread(
-                    target=worker.pump, args=(pipe, console, self.spec.echo),
+                    target=worker.pump, args=(pipe, console, self.spec.echo and console not in quiet),
                     name=f"{_label(rank, local_rank)}-{console}", daemon=True,
                 )
                 reader.start()

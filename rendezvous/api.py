@@ -105,6 +105,9 @@ class NodeInfo:
     health_addr: str
     lease_id: int
     joined_at: float
+    # --node-rank: nodes waiting for a round are ranked by it (lowest first), then by join order;
+    # so in a job started with every node's rank, node rank 0 holds global rank 0, as in torchrun.
+    rank_hint: Optional[int] = None
 
     def to_json(self) -> str:
         return _dumps(self)

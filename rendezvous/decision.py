@@ -105,8 +105,13 @@ def _since(view: View, nid: str) -> float:
 
 
 def _newcomers(view: View, current: Sequence[str], cooling: Mapping[str, float]) -> list:
+    """Waiting nodes in the order they get ranks: by --node-rank where given, then join order."""
     waiting = [nid for nid in view.nodes if nid not in current and nid not in cooling]
-    return sorted(waiting, key=lambda nid: (_since(view, nid), nid))
+
+    def order(nid):
+        hint = view.nodes[nid].rank_hint
+        return (hint is None, hint or 0, _since(view, nid), nid)
+    return sorted(waiting, key=order)
 
 
 def _keep_for_min(cooling: Mapping[str, float], short: int) -> list:

@@ -40,11 +40,12 @@ class LeaderAction:
 class Membership:
     def __init__(self, store: EtcdStore, settings: RendezvousSettings, *, host: str, nproc: int,
                  health_addr: str, node_id: Optional[str] = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, rank_hint: Optional[int] = None):
         self.store = store
         self.settings = settings
         self.node_id = node_id or new_node_id()
         self._host, self._nproc, self._health_addr = host, nproc, health_addr
+        self._rank_hint = rank_hint
         self._clock = clock
         self._lease_id: Optional[int] = None
         self._first_seen: Dict[str, float] = {}
@@ -78,6 +79,7 @@ class Membership:
         return NodeInfo(
             node_id=self.node_id, host=self._host, nproc=self._nproc,
             health_addr=self._health_addr, lease_id=self._lease_id, joined_at=self._joined_at,
+            rank_hint=self._rank_hint,
         )
 
     def _keep_alive(self) -> None:

@@ -159,3 +159,24 @@ def test_settings_reject_bad_values(kwargs, words):
     args.update(kwargs)
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
         RendezvousSettings(**args)
+
+
+def ranked(nid, t, hint):
+    return NodeInfo(node_id=nid, host="127.0.0.1", nproc=2, health_addr="127.0.0.1:1",
+                    lease_id=1, joined_at=t, rank_hint=hint)
+
+
+def test_node_rank_orders_the_first_round_whatever_the_join_order():
+    fixed = RendezvousSettings(run_id="r", min_nodes=3, max_nodes=3)
+    nodes = [ranked("late-rank0", 3, 0), ranked("first-rank2", 1, 2), ranked("rank1", 2, 1)]
+    d = decide(view(4, nodes), fixed)
+    assert d.round.node_ids == ("late-rank0", "rank1", "first-rank2")
+
+
+def test_nodes_without_node_rank_follow_ranked_ones_in_join_order_and_survivors_keep_theirs():
+    d = decide(view(20, [node("b", 1), ranked("r1", 3, 1), node("a", 2)]), SETTINGS)
+    assert d.round.node_ids == ("r1", "b", "a")
+    # A newcomer with node rank 0 after the first round is appended: survivors keep their ranks.
+    later = decide(view(30, [node("b", 1), ranked("r1", 3, 1), ranked("r0", 25, 0)],
+                        rnd=running(1, "r1", "b")), SETTINGS)
+    assert later.round.node_ids == ("r1", "b", "r0")
