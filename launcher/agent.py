@@ -53,6 +53,7 @@ ETCD_RETRY_S = 0.5
 STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stacks before SIGKILL
 KILL_REAP_WAIT_S = 5.0
 LEAVE_MARGIN_S = 2.0  # of a notice's grace period, kept for stopping leftover workers
+WAITING_REPORT_S = 5.0  # while waiting for nodes, say so this often
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,27 @@ def _signal_pid(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def waiting_message(snap: Snapshot, node_id: str, settings: RendezvousSettings,
+                    endpoint: str) -> Optional[str]:
+    """What to tell the user while this node waits to run workers, or None when it does not."""
+    rnd = snap.round
+    if snap.outcome is not None or (rnd is not None and rnd.active and node_id in rnd.node_ids):
+        return None
+    spec = snap.spec or {}
+    low = spec.get("min_nodes", settings.min_nodes)
+    high = spec.get("max_nodes", settings.max_nodes)
+    where = f"job {settings.run_id!r} at etcd {endpoint}" if endpoint else f"job {settings.run_id!r}"
+    present = len(snap.nodes)
+    if present < low:
+        return (f"waiting for nodes: {present} of the {low} needed are here ({where}); start "
+                f"the others with --rdzv-endpoint {endpoint} --rdzv-id {settings.run_id}"
+                if endpoint else f"waiting for nodes: {present} of the {low} needed ({where})")
+    if rnd is not None and rnd.active and len(rnd.members) >= high:
+        return (f"waiting for room: the job runs at its maximum of {high} nodes ({where}); "
+                "this node joins when one leaves")
+    return None
 
 
 def free_port(host: str) -> int:
@@ -132,6 +154,8 @@ class ElasticAgent:
         self._seen_rounds = 0
         self._etcd_down_since: Optional[float] = None
         self._hung: dict = {}  # pid -> why it was killed as hung
+        self._started_at = time.time()
+        self._waiting_said: tuple = (None, 0.0)  # (last waiting message, when it was said)
 
     # -- entry point -----------------------------------------------------------------------
     def run(self) -> int:
@@ -185,6 +209,7 @@ class ElasticAgent:
                     self._record_leader_action(action)
                 if snap.outcome is not None:
                     return self._finish(snap.outcome)
+                self._say_waiting(snap)
                 self._handle_messages(snap)
                 self._follow_round(snap)
                 self._check_hangs()
@@ -216,6 +241,18 @@ class ElasticAgent:
         log.warning("etcd is back after %.1f s", down)
         self.events.emit("etcd_reconnected", round=self._round.number if self._round else None,
                          duration_s=round(down, 3))
+
+    def _say_waiting(self, snap: Snapshot) -> None:
+        """While this node runs no workers because the job waits for nodes (or is full), say so
+        every few seconds, with where the others must join."""
+        text = waiting_message(snap, self.node_id, self.config.settings, self.config.endpoint)
+        said, when = self._waiting_said
+        now = time.time()
+        if text is None:
+            self._waiting_said = (None, 0.0)
+        elif text != said or now - when >= WAITING_REPORT_S:
+            log.info("%s", text)
+            self._waiting_said = (text, now)
 
     # -- pre-warming ---------------------------------------------------------------------------
     def _should_prewarm(self) -> bool:
@@ -439,6 +476,8 @@ class ElasticAgent:
         if outcome.status == "succeeded":
             code = self._wait_for_workers(FINISH_GRACE_S)
             self.events.emit("job_finished", exit_code=code, cause="workers_succeeded", **fields)
+            log.info("job %s finished after %.1f s (this agent's exit code %d)",
+                     self.config.settings.run_id, time.time() - self._started_at, code)
             return code
         self._stop_workers()
         print(f"error: job failed: {outcome.reason}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 Each bad input must give one clear line, a non-zero exit, no orphan process and no leftover
 embedded etcd data dir (the agents here get their own TMPDIR to check that).
 """
+import re
 import signal
 import socket
 
@@ -126,3 +127,32 @@ def test_a_script_raising_after_init_names_the_exception_in_the_summary(tmp_path
     below = out[out.index(line):]
     assert "Traceback (most recent call last):" in below and "ValueError: boom" in below
     assert "[rank0]: [rank0]:" not in out and "[rank1]: [rank1]:" not in out
+
+
+def test_waiting_for_nodes_is_said_every_few_seconds_and_the_end_says_how_long(tmp_path,
+                                                                               etcd_endpoint,
+                                                                               run_id):
+    mark = new_mark()
+    stop = tmp_path / "stop"
+    common = ["--nnodes", "2", "--rdzv-endpoint", etcd_endpoint, "--rdzv-id", run_id,
+              "--rdzv-conf", "last_call_timeout=0.3", REPO / "tests" / "integration" / "scripts" /
+              "steps.py", "--stop-file", stop]
+    first = Agent(common, tmp_path, "first", mark)
+    second = None
+    try:
+        expected = (f"waiting for nodes: 1 of the 2 needed are here (job '{run_id}' at etcd "
+                    f"{etcd_endpoint}); start the others with --rdzv-endpoint {etcd_endpoint} "
+                    f"--rdzv-id {run_id}")
+        wait_for(lambda: first.output().count(expected) >= 2, timeout=30,
+                 what="the waiting message, twice")
+        second = Agent(common, tmp_path, "second", mark)
+        wait_for(lambda: "world=2 rank=0" in first.output() + second.output(), timeout=60,
+                 what="training in a world of 2")
+        stop.touch()
+        assert first.wait(60) == 0 and second.wait(60) == 0
+    finally:
+        for agent in (first, second):
+            if agent is not None:
+                agent.stop()
+    assert re.search(rf"job {run_id} finished after \d+\.\d s", first.output())
+    assert processes_with_mark(mark) == []
