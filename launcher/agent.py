@@ -54,6 +54,10 @@ STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stacks before SI
 KILL_REAP_WAIT_S = 5.0
 LEAVE_MARGIN_S = 2.0  # of a notice's grace period, kept for stopping leftover workers
 WAITING_REPORT_S = 5.0  # while waiting for nodes, say so this often
+# --rescale-mode auto: a scale-up that comes while this node's workers are still starting waits
+# this long for them to say hello (use the in-place API) so they can follow it in place; a
+# script that does not use the API pays this once, then its workers restart on every change.
+HELLO_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class ElasticAgent:
         self._etcd_down_since: Optional[float] = None
         self._hung: dict = {}  # pid -> why it was killed as hung
         self._started_at = time.time()
+        self._api_unused = False  # workers ran HELLO_WAIT_S without saying hello: no more holds
         self._waiting_said: tuple = (None, 0.0)  # (last waiting message, when it was said)
 
     # -- entry point -----------------------------------------------------------------------
@@ -286,11 +291,30 @@ class ElasticAgent:
                 and self.workers.poll().status == "running"
                 and self.in_place.capable(self.workers.pids))
 
+    def _hold_for_hello(self, rnd: Round) -> bool:
+        """Whether to hold back a scale-up round while our workers are still starting: once they
+        say hello they follow it in place instead of being restarted (see HELLO_WAIT_S)."""
+        if (self.config.rescale_mode != "auto" or self.config.backend != "torch"
+                or self._api_unused or self._round is None or not self.workers.running
+                or self._capable() or self.workers.poll().status != "running"):
+            return False
+        grows = set(self._round.node_ids) <= set(rnd.node_ids) and rnd.active
+        if not grows:
+            return False  # a peer left: the starting workers' world is gone, restart them
+        if time.time() - self.workers.started_at < HELLO_WAIT_S:
+            return True
+        self._api_unused = True
+        log.info("workers did not use the in-place API within %.0f s of starting; they restart "
+                 "on every change of world", HELLO_WAIT_S)
+        return False
+
     def _follow_round(self, snap: Snapshot) -> None:
         rnd = snap.round
         if rnd is None:
             return
         if self._round is None or rnd.number != self._round.number:
+            if self._hold_for_hello(rnd):
+                return  # looked at again on the next pass (a hello wakes the loop)
             self._round = rnd
             member = rnd.active and self.node_id in rnd.node_ids
             # A Horovod worker cannot go back to standby once it entered a world: a node left

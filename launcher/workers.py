@@ -331,6 +331,7 @@ class WorkerGroup:
         self._workers: list[_Worker] = []
         self._failure: Optional[WorkerFailure] = None
         self._scratch: Optional[str] = None  # the workers' error files; removed by close()
+        self.started_at = 0.0  # when start() last spawned the workers
 
     @property
     def pids(self) -> list[int]:
@@ -364,6 +365,7 @@ class WorkerGroup:
             round_dir = os.path.join(self.spec.log_dir, name)
             os.makedirs(round_dir, exist_ok=True)
         preexec, base = _die_with_agent(os.getpid()), dict(os.environ)
+        self.started_at = time.time()
         if self._scratch is None:
             self._scratch = make_scratch(SCRATCH_PREFIX)
         for local_rank in range(self.spec.nproc):

@@ -1,7 +1,8 @@
 """Back-to-back large all-reduces, so that a peer killed at any moment dies inside one.
 
 Prints `ITER <n> world=<W> rank=<R> pid=<pid>` every 10 iterations; stops (all ranks at the same
-iteration) once --stop-file exists. With --hang-at N, rank 1 hangs at iteration N (first attempt).
+iteration) once --stop-file exists. With --hang-at N, rank 1 hangs at iteration N (first attempt). --start-delay S stands for a slow start (big imports, a model to
+build) before the script reaches the in-place API.
 """
 import argparse
 import os
@@ -18,7 +19,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stop-file", required=True)
 parser.add_argument("--hang-at", type=int, default=0,
                     help="rank 1 of the first attempt stops making progress at this iteration")
+parser.add_argument("--start-delay", type=float, default=0.0)
 args = parser.parse_args()
+time.sleep(args.start_delay)
 
 model = torch.nn.Linear(2, 2)
 state = ElasticState(model, iteration=0)
