@@ -36,6 +36,7 @@ from rendezvous.store import EtcdStore, Snapshot
 from .events import EventLog
 from .health import HealthServer
 from .inplace import InPlaceWorkers
+from .network import gloo_env, interface_warning
 from .peers import PeerMonitor
 from .preemption import Notice, NoticeConfig, NoticeWatcher
 from .workers import WorkerGroup, WorkerSpec, WorldAssignment
@@ -133,6 +134,12 @@ class ElasticAgent:
         self.in_place = None
         self._guard = None
         spec = config.workers
+        # gloo listens on, and tells peers, the interface of this node's address (`lo` for a
+        # job on loopback), not the one the host name resolves to.
+        spec = replace(spec, extra_env={**gloo_env(config.host, os.environ), **spec.extra_env})
+        warning = interface_warning(config.host, config.settings.max_nodes > 1, os.environ)
+        if warning:
+            log.warning("%s", warning)
         if config.backend == "horovod":
             from integrations.horovod.agent import HorovodWorkers
             self.in_place = HorovodWorkers(store, spec, node_id=self.node_id, host=config.host,

@@ -32,13 +32,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from launcher.network import iface_of
 from launcher.workers import WorkerSpec, WorldAssignment, worker_env as launcher_env
 from rendezvous.api import RendezvousConnectionError
 from rendezvous.store import EtcdStore
 
 from .endpoint import BackendUnavailable, SlotBackend, SlotEndpoint
 from .prewarm import ENV_ENDPOINTS, runner_argv
-from .slots import PLAN_SCOPE, REMOVED, Slot, iface_of, node_slots, worker_env
+from .slots import PLAN_SCOPE, REMOVED, Slot, node_slots, worker_env
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Horovod's view of a round: each worker's slot (ranks and sizes) and the environment it starts with.
 
-Pure: no Horovod import, no I/O beyond reading the machine's interface list.
+Pure: no Horovod import, no I/O.
 
 A slot is what Horovod's gloo controller reads from HOROVOD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE,
 _CROSS_RANK and _CROSS_SIZE at `hvd.init()`, and what an elastic worker gets back from
@@ -12,9 +12,8 @@ communicator of local rank k holds local rank k of every node that has one, in r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-import psutil
 
 # What an agent answers to rank_and_size for a worker whose node is not in the round: Horovod's
 # init then fails with "has been removed from elastic job" and the process exits.
@@ -79,13 +78,3 @@ def worker_env(slot: Slot, *, hostname: str, port: int, iface: Optional[str],
     if iface:
         env["HOROVOD_GLOO_IFACE"] = iface
     return env
-
-
-def iface_of(address: str, interfaces: Optional[Mapping[str, list]] = None) -> Optional[str]:
-    """The network interface that holds `address` (gloo binds to it), or None when no interface
-    does (then gloo uses the address the machine's host name resolves to)."""
-    interfaces = psutil.net_if_addrs() if interfaces is None else interfaces
-    for name, addresses in interfaces.items():
-        if any(getattr(a, "address", None) == address for a in addresses):
-            return name
-    return None

@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 
+import psutil
 import pytest
 
 from .agents import REPO, Agent, new_mark, processes_with_mark, read_events, wait_for
@@ -51,6 +52,9 @@ def test_example_trains_with_two_workers_on_the_embedded_etcd(tmp_path):
     (["--nproc-per-node", "0", "x.py"], "--nproc-per-node must be at least 1"),
     (["--rdzv-conf", "join_timeout=soon", "x.py"], "is not a number"),
     (["--no-python", "no-such-binary-xyz"], "not found on PATH"),
+    (["-m", "no_such_module"], "module 'no_such_module' (-m) not found"),
+    (["examples"], "training script 'examples' is a directory"),
+    (["--bogus-flag", "x.py"], "unrecognized arguments: --bogus-flag; run `python -m elastic.run --help`"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, words):
     code, out = run_agent(tmp_path, args)
@@ -156,3 +160,54 @@ def test_waiting_for_nodes_is_said_every_few_seconds_and_the_end_says_how_long(t
                 agent.stop()
     assert re.search(rf"job {run_id} finished after \d+\.\d s", first.output())
     assert processes_with_mark(mark) == []
+
+
+def test_an_agent_killed_alone_by_sigkill_takes_its_workers_and_etcd_and_the_next_start_cleans_up(
+        tmp_path):
+    mark = new_mark()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    stop = tmp_path / "never"
+    agent = Agent(["--nproc-per-node", "2", REPO / "tests" / "integration" / "scripts" /
+                   "steps.py", "--stop-file", stop], tmp_path, "agent", mark,
+                  env={"TMPDIR": str(tmpdir)})
+    try:
+        wait_for(lambda: "world=2 rank=1" in agent.output(), timeout=60, what="training")
+        agent.proc.send_signal(signal.SIGKILL)  # the agent alone, not its process tree
+        agent.proc.wait(10)
+        wait_for(lambda: processes_with_mark(mark) == [], timeout=10,
+                 what="workers and etcd to die with their agent")
+    finally:
+        agent.stop()
+    left = etcd_dirs(tmpdir)
+    assert len(left) == 1, "a SIGKILLed agent cannot remove its etcd's data dir itself"
+
+    code, out = run_agent(tmp_path, ["--nproc-per-node", "1", REPO / "examples" / "train.py",
+                                     "--epochs", "1"])
+    assert code == 0, out[-2000:]
+    assert not left[0].exists()  # removed at the start, as its owner is gone
+    # The workers' scratch dirs too (torch keeps a cache of its own there: not ours).
+    assert [p.name for p in tmpdir.iterdir() if p.name.startswith("elastic-")] == []
+
+
+def test_workers_of_a_one_machine_job_listen_on_loopback_only(tmp_path):
+    mark = new_mark()
+    stop = tmp_path / "stop"
+    agent = Agent(["--nproc-per-node", "2", REPO / "tests" / "integration" / "scripts" /
+                   "steps.py", "--stop-file", stop, "--step-sleep", "0.2"], tmp_path, "agent",
+                  mark)
+    try:
+        wait_for(lambda: "world=2 rank=1" in agent.output(), timeout=60, what="training")
+        workers = [p for p in psutil.Process(agent.proc.pid).children()
+                   if any("steps.py" in part for part in p.cmdline())]  # not the etcd
+        assert len(workers) == 2
+        for worker in workers:
+            assert worker.environ()["GLOO_SOCKET_IFNAME"] == "lo"
+            store_port = int(worker.environ()["MASTER_PORT"])
+            listening = [c.laddr for c in worker.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port != store_port]
+            assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        stop.touch()
+        assert agent.wait(60) == 0
+    finally:
+        agent.stop()

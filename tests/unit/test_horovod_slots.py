@@ -4,7 +4,8 @@ from collections import namedtuple
 import pytest
 
 from integrations.horovod.discover import hosts
-from integrations.horovod.slots import REMOVED, Slot, iface_of, node_slots, worker_env
+from integrations.horovod.slots import REMOVED, Slot, node_slots, worker_env
+from launcher.network import iface_of
 from rendezvous.api import NodeInfo
 
 Addr = namedtuple("Addr", "address")
