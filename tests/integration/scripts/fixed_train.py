@@ -6,8 +6,12 @@ this rank's share into the plan's micro-batches, and weights the summed loss so 
 is the mean gradient over the global batch. Every --commit-every steps the state is committed and
 each node's local rank 0 writes the checkpoint (a restarted world resumes from it).
 
-Audit trail: every trained step appends {"round", "step", "epoch", "rank", "indices"} to
-<record-dir>/round<R>-rank<K>.jsonl. The test reconstructs which steps survived.
+Audit trail: every trained step appends {"round", "step", "epoch", "rank", "world", "indices",
+"global"} to <record-dir>/round<R>-rank<K>.jsonl: this rank's share and the whole global batch of
+the step (every rank's share, from the sampler's committed state). A rank SIGKILLed right after
+a step's all-reduce never writes its record, yet the survivors may commit that step: the global
+batch in their records says what the committed state trained. The test reconstructs which steps
+survived.
 Pacing: the ranks train step s only once the integer in --allowance-file is >= s; while they
 wait they keep passing step boundaries, so an in-place world change can happen meanwhile.
 Works in both rescale modes: `integrations.torch.run` re-enters `train` after an in-place change,
@@ -121,6 +125,7 @@ def train(world):
             if claim_hang(state.step + 1):
                 hang_forever(state.step + 1)
             step_batch = sampler.step_global_batch()
+            global_batch = sampler.global_indices()
             chunks = micro_batches(indices, world.plan.accum_steps)
             for k, chunk in enumerate(chunks):
                 with ddp.no_sync() if k < len(chunks) - 1 else nullcontext():
@@ -132,8 +137,8 @@ def train(world):
             sampler.advance()
             state.step += 1
             record.write(json.dumps({"round": world.round, "step": state.step,
-                                     "epoch": state.epoch, "rank": rank,
-                                     "indices": indices}) + "\n")
+                                     "epoch": state.epoch, "rank": rank, "world": size,
+                                     "indices": indices, "global": global_batch}) + "\n")
             record.flush()
             if state.step % args.commit_every == 0:
                 commit()
