@@ -5,8 +5,12 @@
 # Horovod's last release predates torch 2.x's C++17 headers and CMake 4, so the sdist needs two
 # fixes to build: C++17 instead of C++14 (top-level and horovod/torch CMakeLists.txt) and
 # CMAKE_POLICY_VERSION_MINIMUM=3.5 (its gloo/third-party CMake files ask for policies CMake 4
-# removed). The build takes ~8 minutes on 2 cores, so the wheel is cached, keyed by the Horovod,
-# torch and Python versions; a cache hit installs in seconds.
+# removed). A third fixes multi-host jobs: the gloo contexts Horovod builds for process sets
+# (every hvd.init() makes one) ignore HOROVOD_GLOO_IFACE and take the address the host name
+# resolves to, a loopback one on Debian and Ubuntu, so peers on other hosts are refused; the fix
+# gives them the global context's interface. The build takes ~8 minutes on 2 cores, so the wheel
+# is cached, keyed by the Horovod version, our patch level, and the torch and Python versions; a
+# cache hit installs in seconds.
 #
 # Settings (environment):
 #   PYTHON               interpreter to build and install for (default: python3)
@@ -16,6 +20,7 @@
 set -euo pipefail
 
 readonly HOROVOD_VERSION=0.28.1
+readonly PATCH_LEVEL=2  # bump when the fixes below change, so cached wheels are rebuilt
 PYTHON=${PYTHON:-python3}
 CACHE_ROOT=${ELASTIC_WHEEL_CACHE:-$HOME/.cache/elastic-run/wheels}
 
@@ -27,7 +32,7 @@ torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/nul
     || die "torch is not importable by $PYTHON; install torch first (pip install torch==2.13.0)"
 py_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-cache_dir="$CACHE_ROOT/horovod-$HOROVOD_VERSION-torch-$torch_version-py$py_version"
+cache_dir="$CACHE_ROOT/horovod-$HOROVOD_VERSION-patch$PATCH_LEVEL-torch-$torch_version-py$py_version"
 say "horovod $HOROVOD_VERSION for torch $torch_version, python $py_version ($PYTHON)"
 say "wheel cache: $cache_dir"
 
@@ -75,6 +80,17 @@ build_wheel() {
         grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "$f has no 'set(CMAKE_CXX_STANDARD 14)'; the sdist changed"
         sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
     done
+
+    say "patching the process-set gloo contexts to use HOROVOD_GLOO_IFACE (multi-host jobs)"
+    "$PYTHON" - "$src/horovod/common/gloo/gloo_context.cc" <<'EOF' || die "the sdist's gloo_context.cc changed"
+import sys
+path = sys.argv[1]
+text = open(path).read()
+head, sep, tail = text.partition("void GlooContext::InitializeForProcessSet(")
+old = "device_attr.iface = gloo_iface_;"
+assert sep and old in tail, "InitializeForProcessSet or its device attribute not found"
+open(path, "w").write(head + sep + tail.replace(old, "device_attr.iface = global_context.gloo_iface_;", 1))
+EOF
 
     say "building the wheel (about 8 minutes on 2 cores)"
     mkdir -p "$build_root/wheelhouse"

@@ -17,13 +17,15 @@ STEPS = Path(__file__).resolve().parent / "scripts" / "steps.py"
 class Agent:
     """One `python -m elastic.run` process; output goes to <tmp>/<name>.out."""
 
-    def __init__(self, args, tmp_path, name, mark, env=None):
+    def __init__(self, args, tmp_path, name, mark, env=None, prefix=()):
+        """prefix: a command the agent runs under (e.g. `ip netns exec NS`, which execs it in
+        place, so the agent keeps the pid of the process started here)."""
         self.name = name
         self.out = Path(tmp_path) / f"{name}.out"
         full_env = dict(os.environ, PYTHONPATH=str(REPO), ELASTIC_TEST_MARK=mark, **(env or {}))
         with open(self.out, "wb") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "elastic.run", *[str(a) for a in args]],
+                [*prefix, sys.executable, "-m", "elastic.run", *[str(a) for a in args]],
                 stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
                 env=full_env, start_new_session=True)
 
