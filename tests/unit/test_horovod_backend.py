@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from elastic.run import UsageError, parse_args
+from elastic.cli import UsageError, parse_args
 from integrations.horovod.prewarm import runner_argv
 from launcher.agent import AgentConfig
 from launcher.workers import WorkerSpec

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from elastic.run import UsageError, parse_args, parse_nnodes, parse_rdzv_conf
+from elastic.cli import UsageError, parse_args, parse_nnodes, parse_rdzv_conf
 
 
 @pytest.mark.parametrize("text, expected", [("1", (1, 1)), ("2:4", (2, 4)), ("3:3", (3, 3))])
