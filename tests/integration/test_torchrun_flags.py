@@ -2,6 +2,7 @@
 follow --node-rank), a c10d one hosted by the endpoint's host, and the console flags."""
 import socket
 
+import psutil
 import pytest
 
 from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
@@ -82,3 +83,20 @@ def test_local_ranks_filter_and_redirects_keep_output_off_the_console_not_out_of
     out = a.output()
     assert "[rank1]: STEP" in out and "[rank0]:" not in out
     assert "DONE world=2 rank=0" in (agents.log_dir / "round1" / "rank0.log").read_text()
+
+
+def test_role_tee_and_ignored_flags_in_a_running_job(agents):
+    a = agents("a", ["--nproc-per-node", "2", "--role", "trainer", "--tee", "3",
+                     "--start-method", "fork", "--run-path"], ["--step-sleep", "0.1"])
+    wait_for(lambda: "world=2 rank=1" in a.output(), timeout=60, what="training")
+    workers = [p for p in psutil.Process(a.proc.pid).children()
+               if any("steps.py" in part for part in p.cmdline())]
+    assert {w.environ()["ROLE_NAME"] for w in workers} == {"trainer"} and len(workers) == 2
+    agents.stop_file.touch()
+    assert a.wait(60) == 0
+    out = a.output()
+    [note] = [line for line in out.splitlines() if "torchrun options without effect" in line]
+    assert "--start-method (workers are always new processes" in note and "--run-path" in note
+    # --tee: on the console and in the log files
+    assert "[rank1]: STEP" in out
+    assert "STEP" in (agents.log_dir / "round1" / "rank1.log").read_text()
