@@ -211,3 +211,59 @@ def test_workers_of_a_one_machine_job_listen_on_loopback_only(tmp_path):
         assert agent.wait(60) == 0
     finally:
         agent.stop()
+
+
+def test_grace_period_gives_a_worker_that_ignores_sigterm_that_long_then_kills_it(tmp_path):
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "def ignore(*_):\n"
+        "    print(f'SIGTERM {time.time():.3f}', flush=True)\n"
+        "signal.signal(signal.SIGTERM, ignore)\n"
+        "print('READY', flush=True)\n"
+        "while True:\n"
+        "    print(f'ALIVE {time.time():.3f}', flush=True)\n"
+        "    time.sleep(0.05)\n")
+    mark = new_mark()
+    agent = Agent(["--grace-period", "2", script], tmp_path, "agent", mark)
+    try:
+        wait_for(lambda: "READY" in agent.output(), timeout=60, what="the worker")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(60) == 128 + signal.SIGTERM
+    finally:
+        agent.stop()
+    out = agent.output()
+    got = float(re.search(r"SIGTERM (\S+)", out).group(1))
+    last_alive = max(float(t) for t in re.findall(r"ALIVE (\S+)", out))
+    assert last_alive - got >= 1.5  # it was given the grace period, then killed
+    assert processes_with_mark(mark) == []
+
+
+def test_local_addr_is_where_this_node_is_reached(tmp_path, etcd_endpoint, run_id):
+    mark, stop = new_mark(), tmp_path / "stop"
+    agent = Agent(["--rdzv-endpoint", etcd_endpoint, "--rdzv-id", run_id, "--local-addr",
+                   "127.0.0.2", "--nproc-per-node", "2", REPO / "tests" / "integration" /
+                   "scripts" / "steps.py", "--stop-file", stop], tmp_path, "agent", mark)
+    try:
+        wait_for(lambda: "world=2 rank=1" in agent.output(), timeout=60, what="training")
+        listening = {c.laddr.ip for c in psutil.Process(agent.proc.pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        stop.touch()
+        assert agent.wait(60) == 0
+    finally:
+        agent.stop()
+    # The rank-0 store's address given to every worker, and the agent's health endpoint.
+    assert set(re.findall(r"START rank=\d world=2 master=(\S+)", agent.output())) == {"127.0.0.2"}
+    assert "127.0.0.2" in listening
+
+
+def test_a_module_runs_with_dash_m(tmp_path):
+    mark, stop = new_mark(), tmp_path / "stop"
+    stop.touch()  # the workers stop at their first step
+    agent = Agent(["--nproc-per-node", "2", "-m", "tests.integration.scripts.steps",
+                   "--stop-file", stop], tmp_path, "agent", mark)
+    try:
+        assert agent.wait(60) == 0, agent.output()[-2000:]
+    finally:
+        agent.stop()
+    assert sorted(re.findall(r"DONE world=2 rank=(\d)", agent.output())) == ["0", "1"]

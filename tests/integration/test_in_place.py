@@ -130,3 +130,30 @@ def test_a_plain_script_waits_for_a_hello_only_once_then_restarts_on_every_chang
                 and e["node"] == read_events(logs)[0]["node"]]
     assert [e["in_place"] for e in rescales] == [False, False]
     assert processes_with_mark(mark) == []
+
+
+def test_forced_in_place_mode_prewarms_every_node_and_grows_in_place(tmp_path, etcd_endpoint,
+                                                                    run_id):
+    mark, stop, logs = new_mark(), tmp_path / "stop", tmp_path / "logs"
+    args = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_endpoint,
+            "--rdzv-id", run_id, "--rdzv-conf", "last_call_timeout=0.3,join_settle=0.2",
+            "--rescale-mode", "in-place", "--log-dir", logs, SCRIPT, "--stop-file", stop]
+    a = Agent(args, tmp_path, "a", mark)
+    b = None
+    try:
+        wait_for(lambda: "world=1 rank=0" in a.output(), timeout=60, what="a alone")
+        b = Agent(args, tmp_path, "b", mark)
+        wait_for(lambda: "world=2 rank=0" in a.output(), timeout=90, what="a and b together")
+        stop.touch()
+        assert a.wait(60) == 0 and b.wait(60) == 0
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+    events = read_events(logs)
+    # Even the first node started its workers in standby before it registered.
+    assert [e["cause"] for e in events if e["event"] == "joined"] == ["prewarmed", "prewarmed"]
+    assert [(e["world_size"], e["in_place"]) for e in events if e["event"] == "rescale"
+            and e["node"] == events[0]["node"]] == [(2, True)]
+    assert pids_in(a.output(), 1) == pids_in(a.output(), 2)
+    assert processes_with_mark(mark) == []

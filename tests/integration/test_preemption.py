@@ -1,15 +1,21 @@
 """Preemption notices: a node that is told it will go away leaves at a step boundary, so the job
 loses no committed step; a last node saves the state before it goes."""
+import json
 import re
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
 
-from .agents import read_events
+from tests.support import MetadataServer
+
+from .agents import REPO, Agent, new_mark, processes_with_mark, read_events, wait_for
 from .test_training_semantics import (assert_same_params, make_job, reference_params, seen,  # noqa: F401
                                       surviving_steps)
 
 pytestmark = pytest.mark.integration
+
+ALLREDUCE = REPO / "tests" / "integration" / "scripts" / "allreduce_loop.py"
 
 
 def last_step(text, world):
@@ -67,3 +73,54 @@ def test_the_last_node_checkpoints_within_the_grace_period(make_job, tmp_path):
     assert second.wait(120) == 0, second.output()[-3000:]
     # Step 13 is not a commit point of the script (every 4): the notice's checkpoint kept it.
     assert "RESUMED step=13 epoch=0" in second.output()
+
+
+@pytest.mark.parametrize("preset", ["aws", "gce"])
+def test_a_cloud_metadata_notice_makes_a_node_leave_within_its_deadline(tmp_path, etcd_endpoint,
+                                                                        run_id, preset):
+    """The aws and gce presets through a running agent, against a metadata endpoint on
+    127.0.0.1: aws states its deadline (20 s here); gce does not, so --preemption-grace holds."""
+    server = MetadataServer()
+    mark, stop, logs = new_mark(), tmp_path / "stop", tmp_path / "logs"
+    path = ("/latest/meta-data/spot/instance-action" if preset == "aws"
+            else "/computeMetadata/v1/instance/preempted")
+    server.answer(404 if preset == "aws" else 200, b"" if preset == "aws" else b"FALSE")
+    common = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_endpoint,
+              "--rdzv-id", run_id, "--rdzv-conf", "last_call_timeout=0.3,join_settle=0.2",
+              "--log-dir", logs]
+    script = [ALLREDUCE, "--stop-file", stop]
+    a = Agent([*common, *script], tmp_path, "a", mark)
+    b = None
+    try:
+        wait_for(lambda: "world=1 rank=0" in a.output(), timeout=60, what="a alone")
+        b = Agent([*common, "--preemption-preset", preset, "--preemption-url", server.url(path),
+                   "--preemption-poll-interval", "0.2", "--preemption-grace", "12", *script],
+                  tmp_path, "b", mark)
+        wait_for(lambda: "world=2 rank=0" in a.output(), timeout=90, what="a and b together")
+        if preset == "aws":
+            deadline = datetime.now(timezone.utc) + timedelta(seconds=20)
+            server.answer(200, json.dumps({"action": "terminate", "time": deadline.strftime(
+                "%Y-%m-%dT%H:%M:%SZ")}).encode())
+        else:
+            server.answer(200, b"TRUE")
+        assert b.wait(60) == 0, b.output()[-3000:]
+        before = len(a.output())
+        wait_for(lambda: "world=1 rank=0" in a.output()[before:], timeout=60, what="a alone again")
+        stop.touch()
+        assert a.wait(60) == 0
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+        server.close()
+    events = read_events(logs)
+    [notice] = [e for e in events if e["event"] == "preemption_notice"]
+    assert notice["cause"] == "metadata"
+    if preset == "aws":
+        assert notice["detail"].startswith("terminate at ") and 14 < notice["grace_s"] <= 20
+    else:
+        assert notice["detail"] == "preempted" and 10 < notice["grace_s"] <= 12
+        assert all(h.get("Metadata-Flavor") == "Google" for _, h in server.requests)
+    [left] = [e for e in events if e["event"] == "node_left" and e["cause"] == "metadata"]
+    assert left["outcome"] == "left at a step boundary"
+    assert processes_with_mark(mark) == []

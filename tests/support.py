@@ -1,0 +1,78 @@
+"""Helpers shared by tests and benchmarks: stand-ins for what is outside the project."""
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+HOROVOD_INSTALL = "bash integrations/horovod/install.sh"
+
+
+def parameter_differences(actual, expected, rtol=1e-5, atol=1e-8):
+    """What differs between two {name: tensor} parameter sets: names first, then shapes, then
+    values (so a short or empty file cannot pass by zipping nothing); [] when they match."""
+    import torch
+
+    if not isinstance(actual, dict) or not isinstance(expected, dict):
+        return [f"parameters must be saved as {{name: tensor}}, got {type(actual).__name__} and "
+                f"{type(expected).__name__}"]
+    if not expected:
+        return ["the expected parameters are empty"]
+    if actual.keys() != expected.keys():
+        return [f"parameter names differ: {sorted(actual)} != {sorted(expected)}"]
+    problems = [f"{name}: shape {tuple(actual[name].shape)} != {tuple(expected[name].shape)}"
+                for name in expected if actual[name].shape != expected[name].shape]
+    for name in expected:
+        if not problems:
+            try:
+                torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol)
+            except AssertionError as exc:
+                problems.append(f"{name} differs: {exc}")
+    return problems
+
+
+def require_horovod(allow_module_level: bool = False) -> None:
+    """Skip when Horovod with PyTorch does not import, except under CI (CI set): there a broken
+    or missing install must fail, not read as a skip."""
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError as exc:
+        why = f"Horovod with PyTorch is not importable ({exc}); install it with `{HOROVOD_INSTALL}`"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI runs the Horovod tests: {why}", pytrace=False)
+        pytest.skip(why, allow_module_level=allow_module_level)
+
+
+class MetadataServer:
+    """Answers every GET with the current scripted (status, body) and records what it was sent."""
+
+    def __init__(self):
+        self.status, self.body = 404, b""
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.requests.append((self.path, dict(self.headers)))
+                self.send_response(server.status)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        # A short poll interval makes shutdown() quick.
+        threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True).start()
+
+    def url(self, path="/notice"):
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+
+    def answer(self, status, body=b""):
+        self.status, self.body = status, body
+
+    def close(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
