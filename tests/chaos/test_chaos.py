@@ -26,6 +26,7 @@ import psutil
 import pytest
 import torch
 
+from tests.support import parameter_differences
 from tests.integration.agents import Agent, new_mark, processes_with_mark, read_events, wait_for
 from tests.integration.test_training_semantics import surviving_steps
 
@@ -99,11 +100,8 @@ def test_training_survives_a_seeded_schedule_of_faults(tmp_path):
     if history.lost or history.duplicated:
         broken.append(f"samples lost: {history.lost}, trained twice in an epoch: "
                       f"{history.duplicated}")
-    for i, (a, e) in enumerate(zip(torch.load(job.params), expected)):
-        try:
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8)
-        except AssertionError as exc:
-            broken.append(f"parameter {i} differs from the undisturbed run's: {exc}")
+    broken += [f"parameters differ from the undisturbed run's: {p}"
+               for p in parameter_differences(torch.load(job.params), expected)]
     broken += [f"not in the event log: {m}" for m in analysis.unlogged(job.injected, events)]
 
     fig = analysis.figures(job.injected, job.rank0_steps(), attempts, history, events)

@@ -1,5 +1,4 @@
 """Running launcher agents as separate processes, the way users and tests see them."""
-import json
 import os
 import signal
 import subprocess
@@ -9,6 +8,8 @@ import uuid
 from pathlib import Path
 
 import psutil
+
+from launcher.events import read_events as events_in
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = Path(__file__).resolve().parent / "scripts" / "steps.py"
@@ -89,16 +90,10 @@ def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
 
 
 def read_events(log_dir):
+    """The job's event log (launcher.events.read_events: only a last line still being written is
+    left out; any other line that is not a record fails the test)."""
     path = Path(log_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written right now
-    return events
+    return events_in(str(path)) if path.exists() else []
 
 
 def worlds_started(log_dir, node=None):

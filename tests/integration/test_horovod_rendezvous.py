@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from elastic.policy import make_policy
-from integrations.horovod.agent import LONG_POLL_S, HorovodWorkers
+from integrations.horovod.agent import HorovodWorkers
 from integrations.horovod.slots import ENV_PLAN_URL, REMOVED
 from integrations.horovod.worker import current_plan
 from launcher.workers import WorkerSpec, WorldAssignment
@@ -54,6 +54,18 @@ def http(workers, local_rank, method, path, body=None):
         return exc.code, exc.read()
 
 
+def wait_until(condition, what, timeout=30.0):
+    """condition()'s first true value, polled until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def spawn(workers, a):
     return [workers.spawn_env(a, k) for k in range(workers.nproc)]
 
@@ -66,15 +78,16 @@ def test_keys_go_to_etcd_under_the_round_of_the_worker_that_wrote_them(node):
     assert node.store.hvd_get(1, "global", "0") == b"addr-0"
     assert http(node, 1, "GET", "global/0") == (200, b"addr-0")
 
-    began = time.monotonic()
     assert http(node, 1, "GET", "global/1")[0] == 404  # held a while, then not there
-    assert time.monotonic() - began >= LONG_POLL_S * 0.9
 
-    later = threading.Timer(0.1, lambda: node.store.hvd_put(1, "global", "1", b"addr-1"))
-    later.start()
-    began = time.monotonic()
-    assert http(node, 0, "GET", "global/1") == (200, b"addr-1")  # woken by the etcd watch
-    assert time.monotonic() - began < LONG_POLL_S
+    # A GET of a missing key waits for it: one written while the request is held is returned
+    # (how long that takes is the benchmarks' business, not this test's).
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(got=http(node, 0, "GET", "global/1")))
+    asking.start()
+    node.store.hvd_put(1, "global", "1", b"addr-1")
+    asking.join(30)
+    assert answer["got"] == (200, b"addr-1")
 
 
 def test_rank_and_size_waits_for_a_newer_round_and_reports_a_failed_collective(node):
@@ -83,13 +96,12 @@ def test_rank_and_size_waits_for_a_newer_round_and_reports_a_failed_collective(n
     asking = threading.Thread(target=lambda: answers.update(
         a=http(node, 1, "GET", "rank_and_size/node-a:1")))
     asking.start()
-    node.woken.wait(5)
-    time.sleep(0.2)
-    assert asking.is_alive()  # no newer round: it waits, and the agent hears why it asked
-    assert [m for _, m in node.drain([])] == [
+    heard = wait_until(lambda: node.drain([]), "the agent to hear why the worker asked")
+    assert [m for _, m in heard] == [
         {"type": "collective_failed", "round": 1,
          "error": "Horovod worker node-a:1 (local rank 1) reset after a failed collective in "
                   "round 1"}]
+    assert asking.is_alive()  # no newer round: it waits for one
     node.push_round(assignment(2, [1, 2], 1))  # now the second of two nodes
     asking.join(5)
     assert answers["a"] == (200, b"2,3,1,2,0,1")
@@ -163,10 +175,8 @@ def test_workers_in_standby_get_their_first_world_from_the_round(node):
                for k in range(2)]
     for t in waiting:
         t.start()
-    deadline = time.monotonic() + 5
-    while not node.all_ready() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert node.all_ready() and node.capable([1, 2])  # standby workers take a round in place
+    wait_until(node.all_ready, "both workers waiting in standby")
+    assert node.capable([1, 2])  # standby workers take a round in place
     node.push_round(assignment(4, [1, 2], 1))
     for t in waiting:
         t.join(5)
@@ -181,9 +191,10 @@ def test_workers_in_standby_get_their_first_world_from_the_round(node):
 
 def test_a_worker_in_standby_that_is_not_needed_is_told_so(node):
     done = {}
+    node.woken.clear()
     asking = threading.Thread(target=lambda: done.update(a=http(node, 0, "GET", "elastic_start/0")))
     asking.start()
-    time.sleep(0.2)
+    assert node.woken.wait(30)  # the worker is waiting for its world
     node.reset()  # its node stopped the workers
     asking.join(5)
     assert done["a"][0] == 404
@@ -193,13 +204,11 @@ def test_the_agent_watch_ignores_rendezvous_keys(node):
     calls = []
     node.store.watch(lambda: calls.append(1))
     node.store.hvd_put(1, "global", "0", b"x")
-    time.sleep(0.5)
-    assert calls == []
     node.store.mark_in_place()
-    wait_until = time.monotonic() + 5
-    while not calls and time.monotonic() < wait_until:
-        time.sleep(0.05)
-    assert calls
+    # etcd delivers watch events in revision order: once the later key's call has come, the
+    # rendezvous key's would have come before it.
+    wait_until(lambda: calls, "the watch to see the job key")
+    assert calls == [1]
 
 
 def test_the_runner_runs_a_script_as_python_would(tmp_path):

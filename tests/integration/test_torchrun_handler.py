@@ -128,9 +128,8 @@ def test_a_joining_agent_grows_the_world(job):
     assert b.wait(30) == 0, b.output()
     worlds = [world for world, _, _ in job.lines(0)]
     assert worlds[0] == 1 and worlds[-1] == 2 and worlds == sorted(worlds), worlds
-    # Growing is a membership change torchrun learns from num_nodes_waiting, not a worker
+    # Growing is a membership change torchrun learns from our num_nodes_waiting, not a worker
     # failure: no restart was spent (the default --max-restarts 0 would have ended the job).
-    assert "Detected 1 new nodes" in a.output()
     assert {restarts for r in (0, 1) for _, _, restarts in job.lines(r)} == {0}
 
 

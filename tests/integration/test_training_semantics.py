@@ -13,6 +13,8 @@ from collections import defaultdict
 import pytest
 import torch
 
+from tests.support import parameter_differences
+
 from .agents import Agent, new_mark, processes_with_mark, read_events, wait_for
 
 pytestmark = pytest.mark.integration
@@ -84,8 +86,8 @@ def reference_params(make_job):
 
 
 def assert_same_params(actual, expected):
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-8)
+    problems = parameter_differences(actual, expected)
+    assert not problems, "\n".join(problems)
 
 
 def surviving_steps(records_dir):

@@ -8,6 +8,8 @@ import sys
 import psutil
 import pytest
 
+from tests.support import require_horovod
+
 from .agents import REPO, Agent, kill_tree, new_mark, processes_with_mark, read_events, wait_for
 from .hosts import HostPair, unavailable
 
@@ -91,9 +93,9 @@ def test_join_and_sigkilled_host_across_two_hosts_with_no_variable_set_by_hand(c
     assert any(e["event"] == "node_left" and e["cause"] == "removed" for e in events)
 
 
+@pytest.mark.horovod
 def test_horovod_job_across_two_hosts_grows_and_shrinks(cluster):
-    pytest.importorskip("horovod.torch", reason="Horovod is not installed; run "
-                        "`bash integrations/horovod/install.sh`")
+    require_horovod()  # fails instead under CI
     first, second = cluster.hosts
     args = ["--backend", "horovod", "--nnodes", "1:2", "--nproc-per-node", "1",
             SCRIPTS / "hvd_elastic.py", "--stop-file", cluster.stop_file]

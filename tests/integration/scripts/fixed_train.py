@@ -149,7 +149,7 @@ def train(world):
         state.epoch += 1
         commit()
     if rank == 0:
-        torch.save([p.detach().clone() for p in model.parameters()], args.out)
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, args.out)
     print(f"DONE step={state.step} world={size} rank={rank}", flush=True)
 
 
