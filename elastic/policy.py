@@ -17,14 +17,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-ENV_POLICY = "ELASTIC_BATCH_POLICY"
-ENV_WORLD_SIZE = "ELASTIC_PLAN_WORLD_SIZE"
-ENV_GLOBAL_BATCH = "ELASTIC_GLOBAL_BATCH"
-ENV_ACCUM_STEPS = "ELASTIC_ACCUM_STEPS"
-ENV_MICRO_BATCHES = "ELASTIC_MICRO_BATCHES"
-ENV_LR_FACTOR = "ELASTIC_LR_FACTOR"
-ENV_SCALE = "ELASTIC_BATCH_SCALE"
-ENV_LR_WARMUP_STEPS = "ELASTIC_LR_WARMUP_STEPS"
+from elastic.contract import (PLAN_ACCUM_STEPS as ENV_ACCUM_STEPS,
+                              PLAN_GLOBAL_BATCH as ENV_GLOBAL_BATCH,
+                              PLAN_LR_FACTOR as ENV_LR_FACTOR,
+                              PLAN_LR_WARMUP_STEPS as ENV_LR_WARMUP_STEPS,
+                              PLAN_MICRO_BATCHES as ENV_MICRO_BATCHES,
+                              PLAN_POLICY as ENV_POLICY, PLAN_SCALE as ENV_SCALE,
+                              PLAN_WORLD_SIZE as ENV_WORLD_SIZE)
 
 POLICY_NAMES = ("fixed", "linear", "sqrt", "adascale")
 
@@ -46,6 +45,8 @@ class BatchPlan:
     lr_factor: multiply the base learning rate by this (before any warm-up ramp).
     scale: the global batch over the reference global batch (1.0 for `fixed`); AdaScale's S.
     policy: the name of the policy that made the plan.
+    warmup_steps: optimizer steps over which the learning-rate factor ramps to this plan's value
+        after a change (`LrSchedule`; --lr-warmup-steps).
 
     Raises:
         BatchPolicyError: the fields disagree (sizes do not sum to the global batch, ...).
@@ -58,8 +59,11 @@ class BatchPlan:
     lr_factor: float = 1.0
     scale: float = 1.0
     policy: str = "fixed"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "warmup_steps", _at_least(self.warmup_steps, 0,
+                                                           "batch plan: warmup_steps"))
         for name in ("world_size", "global_batch", "accum_steps"):
             value = getattr(self, name)
             object.__setattr__(self, name, _at_least(value, 1, f"batch plan: {name}",
@@ -119,6 +123,7 @@ class BatchPlan:
                                           separators=(",", ":")),
             ENV_LR_FACTOR: repr(float(self.lr_factor)),
             ENV_SCALE: repr(float(self.scale)),
+            ENV_LR_WARMUP_STEPS: str(self.warmup_steps),
         }
 
     @classmethod
@@ -140,7 +145,9 @@ class BatchPlan:
                    accum_steps=_read_env(env, ENV_ACCUM_STEPS, int),
                    lr_factor=_read_env(env, ENV_LR_FACTOR, float),
                    scale=_read_env(env, ENV_SCALE, float) if ENV_SCALE in env else 1.0,
-                   policy=env.get(ENV_POLICY, "fixed"))
+                   policy=env.get(ENV_POLICY, "fixed"),
+                   warmup_steps=(_read_env(env, ENV_LR_WARMUP_STEPS, int)
+                                 if ENV_LR_WARMUP_STEPS in env else 0))
 
     def _rank(self, rank: int) -> int:
         if not 0 <= rank < self.world_size:
@@ -247,7 +254,8 @@ class FixedBatch(BatchPolicy):
                 f"global batch {self.global_batch} is smaller than the world of {world_size} "
                 f"workers; raise --global-batch-size or use fewer workers")
         return _make_plan(_split(self.global_batch, world_size), self.max_micro_batch,
-                          lr_factor=1.0, scale=1.0, policy=self.name)
+                          lr_factor=1.0, scale=1.0, policy=self.name,
+                          warmup_steps=self.warmup_steps)
 
 
 class _PerWorkerBatch(BatchPolicy):
@@ -272,7 +280,8 @@ class _PerWorkerBatch(BatchPolicy):
         world_size = _at_least(world_size, 1, "the world size")
         scale = world_size / self.reference_world
         return _make_plan((self.per_worker_batch,) * world_size, self.max_micro_batch,
-                          lr_factor=self._lr_factor(scale), scale=scale, policy=self.name)
+                          lr_factor=self._lr_factor(scale), scale=scale, policy=self.name,
+                          warmup_steps=self.warmup_steps)
 
     @abc.abstractmethod
     def _lr_factor(self, scale: float) -> float:
@@ -393,11 +402,11 @@ def best_global_batch(max_global_batch: int, micro_batches: Sequence[int], min_w
 
 
 def _make_plan(shares: Sequence[int], max_micro: Optional[int], *, lr_factor: float,
-               scale: float, policy: str) -> BatchPlan:
+               scale: float, policy: str, warmup_steps: int) -> BatchPlan:
     accum = 1 if max_micro is None else -(-max(shares) // max_micro)
     return BatchPlan(world_size=len(shares), global_batch=sum(shares),
                      micro_batches=tuple(_split(s, accum) for s in shares), accum_steps=accum,
-                     lr_factor=lr_factor, scale=scale, policy=policy)
+                     lr_factor=lr_factor, scale=scale, policy=policy, warmup_steps=warmup_steps)
 
 
 def _read_env(env: Mapping[str, str], name: str, parse):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from elastic.policy import ENV_LR_WARMUP_STEPS, BatchPlan, BatchPolicyError, LrSchedule
+from elastic.contract import PLAN_LR_WARMUP_STEPS
+from elastic.policy import BatchPlan, BatchPolicyError, LrSchedule
 
 
 def current_plan(env: Optional[Mapping[str, str]] = None) -> BatchPlan:
@@ -30,4 +31,4 @@ def lr_schedule(env: Optional[Mapping[str, str]] = None) -> LrSchedule:
     """The learning-rate warm-up the job was started with (--lr-warmup-steps): feed it each
     plan with `on_plan(plan, step)` and multiply the base rate by `factor(step)`."""
     env = os.environ if env is None else env
-    return LrSchedule(int(env.get(ENV_LR_WARMUP_STEPS, "0")))
+    return LrSchedule(int(env.get(PLAN_LR_WARMUP_STEPS, "0")))

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from elastic.policy import ENV_LR_WARMUP_STEPS, BatchPolicy, BatchPolicyError
+from elastic.contract import CollectiveFailed, Hello
+from elastic.policy import BatchPolicy, BatchPolicyError
 from rendezvous.api import (JobOutcome, RendezvousConnectionError, RendezvousSettings,
                             RendezvousTimeoutError, Round)
 from rendezvous.decision import FailureReport
@@ -151,7 +152,7 @@ class ElasticAgent:
             self._guard = HorovodGuard()  # a Horovod script here fails at once, and says why
             spec = replace(spec, extra_env={**spec.extra_env, **self._guard.env})
             if config.rescale_mode != "restart":
-                self.in_place = InPlaceWorkers(spec.nproc, self._wake.set)
+                self.in_place = InPlaceWorkers(spec, self._wake.set)
                 spec = replace(spec, extra_env={**spec.extra_env, **self.in_place.env})
         self.workers = WorkerGroup(spec)
         self.peers = PeerMonitor(self.membership, config.probe_interval, self._wake.set)
@@ -365,8 +366,6 @@ class ElasticAgent:
         try:
             policy = self.config.batch_policy
             plan_env = policy.plan(rnd.world_size).to_env() if policy else {}
-            if policy:
-                plan_env[ENV_LR_WARMUP_STEPS] = str(policy.warmup_steps)
         except BatchPolicyError as exc:
             self.membership.finish(JobOutcome(status="failed", node_id=self.node_id, exit_code=1,
                                               reason=f"world of {rnd.world_size}: {exc}"))
@@ -419,11 +418,11 @@ class ElasticAgent:
         if self.in_place is None:
             return
         for _local_rank, msg in self.in_place.drain(self.workers.pids):
-            if msg["type"] == "hello" and self.in_place.capable(self.workers.pids) \
+            if isinstance(msg, Hello) and self.in_place.capable(self.workers.pids) \
                     and not snap.in_place:
                 self.store.mark_in_place()  # from now on, joining nodes pre-warm
-            elif msg["type"] == "collective_failed" and self._round is not None \
-                    and msg.get("round") == self._round.number:
+            elif isinstance(msg, CollectiveFailed) and self._round is not None \
+                    and msg.round == self._round.number:
                 self._on_collective_failure(snap, msg)
         rnd = self._awaiting
         if rnd is not None and self.in_place.all_running(rnd.number):
@@ -440,10 +439,10 @@ class ElasticAgent:
         if any(r.node_id == self.node_id for r in reports):
             return  # one report per node and round
         self.events.emit("worker_failed", round=rnd.number, world_size=rnd.world_size,
-                         members=list(rnd.node_ids), cause="collective", error=msg.get("error"))
+                         members=list(rnd.node_ids), cause="collective", error=msg.error)
         self.membership.report_failure(rnd.number, FailureReport(
-            node_id=self.node_id, time=time.time(), description=msg.get("error", "collective failed"),
-            exit_code=1, traceback=msg.get("traceback", "")))
+            node_id=self.node_id, time=time.time(), description=msg.error or "collective failed",
+            exit_code=1, traceback=msg.traceback))
 
     def _check_hangs(self) -> None:
         """A worker that makes no progress for --hang-timeout is killed (after its stacks are

@@ -1,26 +1,27 @@
 """The agent's side of the agent-to-worker control channel (local to the node).
 
 Workers that use the in-place API (`integrations.torch`) connect to 127.0.0.1:<port> given in
-ELASTIC_AGENT_ADDR and exchange newline-delimited JSON messages:
+ELASTIC_AGENT_ADDR and exchange the messages of `elastic.contract` (newline-delimited JSON):
 
-    worker -> agent   {"type": "hello", "local_rank": k, "pid": p}     on connect
-                      {"type": "ready"}                                 waiting for a round (standby)
-                      {"type": "running", "round": n}                   running in round n's world
-                      {"type": "progress", "steps": k}                  passed step boundaries (throttled)
-                      {"type": "collective_failed", "round": n, "error": "...", "traceback": "..."}
-    agent -> worker   {"type": "round", "round": n, "member": bool, "rank": ..., ...}
-                      {"type": "leave", "checkpoint": bool}             finish at the next boundary
-                                                                        (and save: no node remains)
+    worker -> agent   Hello(local_rank, pid)                  on connect
+                      Ready()                                  waiting for a round (standby)
+                      Running(round)                           running in round n's world
+                      Progress(steps)                          passed step boundaries (throttled)
+                      CollectiveFailed(round, error, traceback)
+    agent -> worker   RoundMessage(round, member, world)       a new round (world: its place)
+                      Leave(checkpoint)                        finish at the next boundary
+                                                               (and save: no node remains)
 
 The agent only ever sends; decisions stay in the agent's loop, which drains `messages`.
 """
 from __future__ import annotations
 
-import json
 import queue
 import socket
 import threading
 from typing import Callable, Dict, Optional
+
+from elastic.contract import Hello, Message, decode, encode
 
 
 class ControlServer:
@@ -32,7 +33,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._conns: Dict[int, socket.socket] = {}  # local rank -> connection
         # (local rank, worker pid, message): the pid lets the agent ignore a stopped worker's last words
-        self.messages: "queue.Queue[tuple[int, int, dict]]" = queue.Queue()
+        self.messages: "queue.Queue[tuple[int, int, Message]]" = queue.Queue()
         self._closed = False
         threading.Thread(target=self._accept, name="control-accept", daemon=True).start()
 
@@ -55,9 +56,9 @@ class ControlServer:
         pid = 0
         try:
             for line in conn.makefile("r", encoding="utf-8"):
-                msg = json.loads(line)
-                if msg.get("type") == "hello":
-                    local_rank, pid = int(msg["local_rank"]), int(msg["pid"])
+                msg = decode(line)
+                if isinstance(msg, Hello):
+                    local_rank, pid = msg.local_rank, msg.pid
                     with self._lock:
                         old = self._conns.get(local_rank)
                         self._conns[local_rank] = conn
@@ -78,8 +79,8 @@ class ControlServer:
         with self._lock:
             return set(self._conns)
 
-    def send(self, local_rank: int, msg: dict) -> bool:
-        data = (json.dumps(msg) + "\n").encode()
+    def send(self, local_rank: int, msg: Message) -> bool:
+        data = encode(msg)
         with self._lock:
             conn = self._conns.get(local_rank)
         if conn is None:

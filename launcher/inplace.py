@@ -1,20 +1,22 @@
 """The agent's bookkeeping for in-place workers: who said hello, who is ready or running where,
 when each last made progress (for hang detection), and the round messages they are sent (over
-launcher.control)."""
+launcher.control, in the messages of elastic.contract)."""
 from __future__ import annotations
 
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from .control import ControlServer
-from .workers import WorldAssignment
+from elastic.contract import (AGENT_ADDR, Hello, Leave, Message, Progress, Ready, RoundMessage,
+                              Running)
 
-ENV_AGENT_ADDR = "ELASTIC_AGENT_ADDR"
+from .control import ControlServer
+from .workers import WorkerSpec, WorldAssignment, worker_world
 
 
 class InPlaceWorkers:
-    def __init__(self, nproc: int, wake: Callable[[], None]):
-        self.nproc = nproc
+    def __init__(self, spec: WorkerSpec, wake: Callable[[], None]):
+        self.spec = spec
+        self.nproc = spec.nproc
         self.control = ControlServer(wake)
         self._hello: Dict[int, int] = {}     # local rank -> pid
         self._ready: set = set()
@@ -24,7 +26,7 @@ class InPlaceWorkers:
 
     @property
     def env(self) -> Dict[str, str]:
-        return {ENV_AGENT_ADDR: self.control.addr}
+        return {AGENT_ADDR: self.control.addr}
 
     def reset(self) -> None:
         """The workers were stopped: forget them and whatever they still had to say."""
@@ -34,7 +36,7 @@ class InPlaceWorkers:
         self._running.clear()
         self._progress.clear()
 
-    def drain(self, pids: Sequence[int]) -> List[Tuple[int, dict]]:
+    def drain(self, pids: Sequence[int]) -> List[Tuple[int, Message]]:
         """Messages from the current workers (by pid), with the bookkeeping applied."""
         current = set(pids)
         out = []
@@ -42,18 +44,17 @@ class InPlaceWorkers:
             local_rank, pid, msg = self.control.messages.get_nowait()
             if pid not in current:
                 continue  # a stopped worker's last words
-            kind = msg.get("type")
-            if kind == "hello":
+            if isinstance(msg, Hello):
                 self._hello[local_rank] = pid
-            elif kind == "ready":
+            elif isinstance(msg, Ready):
                 self._ready.add(local_rank)
                 self._running.pop(local_rank, None)
                 self._progress.pop(local_rank, None)
-            elif kind == "running":
+            elif isinstance(msg, Running):
                 self._ready.discard(local_rank)
-                self._running[local_rank] = int(msg["round"])
+                self._running[local_rank] = msg.round
                 self._progress[local_rank] = self._clock()
-            elif kind == "progress" and local_rank in self._progress:
+            elif isinstance(msg, Progress) and local_rank in self._progress:
                 self._progress[local_rank] = self._clock()
             out.append((local_rank, msg))
         return out
@@ -79,24 +80,18 @@ class InPlaceWorkers:
 
     def push_round(self, a: WorldAssignment) -> None:
         for local_rank in range(self.nproc):
-            self.control.send(local_rank, {
-                "type": "round", "round": a.round, "member": True,
-                "rank": a.rank_offset + local_rank, "local_rank": local_rank,
-                "world_size": a.world_size, "local_world_size": self.nproc,
-                "group_rank": a.group_rank, "group_world_size": a.group_world_size,
-                "master_addr": a.master_addr, "master_port": a.master_port,
-                "restart_count": a.restart_count, "env": dict(a.env),
-            })
+            world = worker_world(self.spec, a, local_rank)
+            self.control.send(local_rank, RoundMessage(a.round, member=True, world=world))
 
     def push_standby(self, number: int) -> None:
         for local_rank in range(self.nproc):
-            self.control.send(local_rank, {"type": "round", "round": number, "member": False})
+            self.control.send(local_rank, RoundMessage(number, member=False))
 
     def push_leave(self, checkpoint: bool) -> None:
         """The node leaves: finish at the next step boundary; `checkpoint` when no node remains
         to carry the state, so it must go to disk."""
         for local_rank in range(self.nproc):
-            self.control.send(local_rank, {"type": "leave", "checkpoint": checkpoint})
+            self.control.send(local_rank, Leave(checkpoint))
 
     def close(self) -> None:
         self.control.close()

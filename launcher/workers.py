@@ -24,6 +24,8 @@ from typing import IO, Callable, Iterable, Mapping, Optional, Tuple
 
 import psutil
 
+from elastic import contract
+from elastic.contract import WorkerWorld
 from rendezvous.scratch import make_scratch
 
 STDERR_TAIL_LINES = 200
@@ -38,8 +40,6 @@ _PR_SET_PDEATHSIG = 1
 # "[rank<N>]: ", once per initialisation: in-place workers that re-initialised show it nested.
 # We add our own prefix, so theirs is dropped (otherwise "[rank1]: [rank1]: Traceback ...").
 TORCH_RANK_PREFIX = re.compile(r"^(?:\[rank\d+\]: )+")
-# torchrun's root-cause file: torch.distributed.elastic's @record writes the exception there.
-ENV_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
 SCRATCH_PREFIX = "elastic-workers-"
 
 # Shared by every group so that console lines of different ranks never interleave mid-line.
@@ -140,38 +140,35 @@ class GroupState:
     failure: Optional[WorkerFailure] = None
 
 
+def worker_world(spec: WorkerSpec, a: WorldAssignment, local_rank: int) -> WorkerWorld:
+    """A local rank's place in the world of a round assigned to this node."""
+    return WorkerWorld(
+        run_id=a.run_id, round=a.round, rank=a.rank_offset + local_rank, local_rank=local_rank,
+        world_size=a.world_size, local_world_size=spec.nproc, group_rank=a.group_rank,
+        group_world_size=a.group_world_size, master_addr=a.master_addr,
+        master_port=a.master_port, restart_count=a.restart_count, max_restarts=a.max_restarts,
+        role=spec.role, plan_env=a.env)
+
+
 def worker_env(
     base: Mapping[str, str], spec: WorkerSpec, assignment: Optional[WorldAssignment],
     local_rank: int, error_file: Optional[str] = None
 ) -> dict[str, str]:
-    """One worker's environment: base (the agent's), then extra_env, then the round's env, then
-    what torchrun sets, then the backend's (spec.rank_env). Without an assignment (standby) the
-    worker gets no world: it waits for one on its agent channel. error_file becomes
+    """One worker's environment: base (the agent's), then extra_env, then its world's variables
+    (`elastic.contract.world_env`), then the backend's (spec.rank_env). Without an assignment
+    (standby) the worker gets no world: it waits for one on its agent channel. error_file becomes
     TORCHELASTIC_ERROR_FILE, where torch's @record writes an uncaught exception."""
     env = dict(base)
     env.update(spec.extra_env)
-    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all cores oversubscribes
+    env.setdefault(contract.OMP_NUM_THREADS, "1")  # as torchrun: N workers x all cores oversubscribes
     if error_file is not None:
-        env[ENV_ERROR_FILE] = error_file
+        env[contract.ERROR_FILE] = error_file
     if assignment is None:
-        env.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(spec.nproc),
-                   PYTHONUNBUFFERED="1", ELASTIC_STANDBY="1")
+        env.update(contract.standby_env(local_rank, spec.nproc))
         return env
-    env.update(assignment.env)
-    rank = assignment.rank_offset + local_rank
-    a = assignment
-    env.update(
-        RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(a.world_size),
-        LOCAL_WORLD_SIZE=str(spec.nproc), GROUP_RANK=str(a.group_rank),
-        GROUP_WORLD_SIZE=str(a.group_world_size), ROLE_RANK=str(rank),
-        ROLE_WORLD_SIZE=str(a.world_size), ROLE_NAME=spec.role, MASTER_ADDR=a.master_addr,
-        MASTER_PORT=str(a.master_port), TORCHELASTIC_RUN_ID=a.run_id,
-        TORCHELASTIC_RESTART_COUNT=str(a.restart_count),
-        TORCHELASTIC_MAX_RESTARTS=str(a.max_restarts), TORCHELASTIC_USE_AGENT_STORE="False",
-        PYTHONUNBUFFERED="1", ELASTIC_ROUND=str(a.round),
-    )
+    env.update(contract.world_env(worker_world(spec, assignment, local_rank)))
     if spec.rank_env is not None:
-        env.update(spec.rank_env(a, local_rank))
+        env.update(spec.rank_env(assignment, local_rank))
     return env
 
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from elastic.contract import CollectiveFailed
 from launcher.network import iface_of
 from launcher.workers import WorkerSpec, WorldAssignment, worker_env as launcher_env
 from rendezvous.api import RendezvousConnectionError
@@ -96,7 +97,7 @@ class HorovodWorkers(SlotBackend):
         self._leaving = self._closed = False
         self._elastic = False
         self._stamp = 0
-        self._messages: "queue.Queue[tuple[int, dict]]" = queue.Queue()
+        self._messages: "queue.Queue[tuple[int, CollectiveFailed]]" = queue.Queue()
         self._kv_cond = threading.Condition()
         self._kv_version = 0
         self._endpoints = [SlotEndpoint(k, self) for k in range(nproc)]
@@ -157,7 +158,7 @@ class HorovodWorkers(SlotBackend):
         while not self._messages.empty():
             self._messages.get_nowait()
 
-    def drain(self, pids: Sequence[int]) -> List[Tuple[int, dict]]:
+    def drain(self, pids: Sequence[int]) -> List[Tuple[int, CollectiveFailed]]:
         out = []
         while not self._messages.empty():
             out.append(self._messages.get_nowait())
@@ -250,10 +251,10 @@ class HorovodWorkers(SlotBackend):
                     return rnd.slots[local_rank].answer()
                 if not reported:  # not told of a new round: a collective failed in its world
                     reported = True
-                    self._messages.put((local_rank, {
-                        "type": "collective_failed", "round": asked,
-                        "error": f"Horovod worker {worker_id} (local rank {local_rank}) reset "
-                                 f"after a failed collective in round {asked}"}))
+                    self._messages.put((local_rank, CollectiveFailed(
+                        round=asked,
+                        error=f"Horovod worker {worker_id} (local rank {local_rank}) reset "
+                              f"after a failed collective in round {asked}")))
                     self._wake()
                 self._cond.wait(WAIT_S)
 

@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ENV_ENDPOINTS = "ELASTIC_HOROVOD_ENDPOINTS"
-ENV_STANDBY = "ELASTIC_STANDBY"
+from elastic.contract import HOROVOD_ENDPOINTS as ENV_ENDPOINTS, STANDBY as ENV_STANDBY
+
 START_SCOPE = "elastic_start"
 MODULE = "integrations.horovod.prewarm"
 WARM_IMPORTS = ("torch", "horovod.torch", "torch._dynamo")

@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+from elastic.contract import PLAN_URL as ENV_PLAN_URL
+
 
 # What an agent answers to rank_and_size for a worker whose node is not in the round: Horovod's
 # init then fails with "has been removed from elastic job" and the process exits.
 REMOVED = "-1,-1,-1,-1,-1,-1"
 # Where a worker asks its agent for the batch plan of the world it is in now (integrations.horovod.worker).
-ENV_PLAN_URL = "ELASTIC_PLAN_URL"
 PLAN_SCOPE = "elastic_plan"
 
 

@@ -10,7 +10,6 @@ standby, or exits when its agent is leaving.
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
 import signal
 import socket
@@ -23,9 +22,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from elastic import contract
+from elastic.contract import (CollectiveFailed, Hello, Leave, Progress, Ready, RoundMessage,
+                              Running, WorkerWorld)
 from elastic.policy import BatchPlan
 
-ENV_AGENT_ADDR = "ELASTIC_AGENT_ADDR"
 DEFAULT_PG_TIMEOUT = timedelta(seconds=60)
 # Progress reports to the agent (for --hang-timeout) are sent at most this often.
 PROGRESS_INTERVAL_S = 0.5
@@ -57,35 +58,35 @@ class LeftJob(SystemExit):
 
 
 class AgentChannel:
-    """Newline-delimited JSON to and from this node's agent (see launcher/control.py)."""
+    """The messages of `elastic.contract` to and from this node's agent (launcher/control.py)."""
 
     def __init__(self, addr: str, local_rank: int):
         host, _, port = addr.rpartition(":")
         self._sock = socket.create_connection((host, int(port)))
         self._cond = threading.Condition()
-        self._round: Optional[dict] = None
+        self._round: Optional[RoundMessage] = None
         self.leaving = False
         self.checkpoint_on_leave = False
         self._send_lock = threading.Lock()
-        self.send({"type": "hello", "local_rank": local_rank, "pid": os.getpid()})
+        self.send(Hello(local_rank=local_rank, pid=os.getpid()))
         threading.Thread(target=self._read, name="agent-channel", daemon=True).start()
 
     @classmethod
     def from_env(cls) -> Optional["AgentChannel"]:
-        addr = os.environ.get(ENV_AGENT_ADDR)
-        return cls(addr, int(os.environ.get("LOCAL_RANK", "0"))) if addr else None
+        addr = os.environ.get(contract.AGENT_ADDR)
+        return cls(addr, int(os.environ.get(contract.LOCAL_RANK, "0"))) if addr else None
 
     def _read(self) -> None:
         try:
             for line in self._sock.makefile("r", encoding="utf-8"):
-                msg = json.loads(line)
+                msg = contract.decode(line)
                 with self._cond:
-                    if msg["type"] == "round":
-                        if self._round is None or msg["round"] >= self._round["round"]:
+                    if isinstance(msg, RoundMessage):
+                        if self._round is None or msg.round >= self._round.round:
                             self._round = msg
-                    elif msg["type"] == "leave":
+                    elif isinstance(msg, Leave):
                         self.leaving = True
-                        self.checkpoint_on_leave = bool(msg.get("checkpoint"))
+                        self.checkpoint_on_leave = msg.checkpoint
                     self._cond.notify_all()
         except (OSError, ValueError):
             pass
@@ -93,19 +94,19 @@ class AgentChannel:
             self.leaving = True
             self._cond.notify_all()
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: contract.Message) -> None:
         with self._send_lock:
             try:
-                self._sock.sendall((json.dumps(msg) + "\n").encode())
+                self._sock.sendall(contract.encode(msg))
             except OSError:
                 pass  # the agent is gone; PDEATHSIG ends us shortly
 
     @property
     def latest_round(self) -> int:
         with self._cond:
-            return self._round["round"] if self._round else 0
+            return self._round.round if self._round else 0
 
-    def wait_round(self, after: int) -> Optional[dict]:
+    def wait_round(self, after: int) -> Optional[RoundMessage]:
         """Block until a round newer than `after` that includes this node arrives; None if the
         node is leaving."""
         with self._cond:
@@ -113,7 +114,7 @@ class AgentChannel:
                 if self.leaving:
                     return None
                 r = self._round
-                if r is not None and r["round"] > after and r["member"]:
+                if r is not None and r.round > after and r.member:
                     return r
                 self._cond.wait()
 
@@ -146,42 +147,34 @@ class ElasticWorld:
     def join(self) -> None:
         """Enter the current world: the agent's environment if it started us for a round,
         otherwise (standby) the first round that includes this node."""
-        if "RANK" in os.environ:
-            self.round = int(os.environ.get("ELASTIC_ROUND", "0"))
+        if contract.RANK in os.environ:
+            self.round = int(os.environ.get(contract.ROUND, "0"))
             dist.init_process_group(self.backend, timeout=self.timeout)
             self.plan = BatchPlan.from_env(os.environ)
         else:
             self._enter(self._next_round())
         self._announce()
 
-    def _next_round(self) -> dict:
-        self.channel.send({"type": "ready"})
+    def _next_round(self) -> WorkerWorld:
+        self.channel.send(Ready())
         msg = self.channel.wait_round(self.round)
         if msg is None:
             raise LeftJob()
-        return msg
+        return msg.world
 
-    def _enter(self, msg: dict) -> None:
-        env = {
-            "RANK": msg["rank"], "WORLD_SIZE": msg["world_size"], "LOCAL_RANK": msg["local_rank"],
-            "LOCAL_WORLD_SIZE": msg["local_world_size"], "GROUP_RANK": msg["group_rank"],
-            "GROUP_WORLD_SIZE": msg["group_world_size"], "ROLE_RANK": msg["rank"],
-            "ROLE_WORLD_SIZE": msg["world_size"], "MASTER_ADDR": msg["master_addr"],
-            "MASTER_PORT": msg["master_port"], "TORCHELASTIC_RESTART_COUNT": msg["restart_count"],
-            "ELASTIC_ROUND": msg["round"], **msg.get("env", {}),
-        }
-        os.environ.update({k: str(v) for k, v in env.items()})  # user code reading env sees it
-        self.round = msg["round"]
-        if msg["rank"] != 0:
-            _wait_for_listener(msg["master_addr"], int(msg["master_port"]), self.timeout)
+    def _enter(self, world: WorkerWorld) -> None:
+        os.environ.update(contract.world_env(world))  # user code reading env sees it
+        self.round = world.round
+        if world.rank != 0:
+            _wait_for_listener(world.master_addr, world.master_port, self.timeout)
         dist.init_process_group(
-            self.backend, init_method=f"tcp://{msg['master_addr']}:{msg['master_port']}",
-            rank=msg["rank"], world_size=msg["world_size"], timeout=self.timeout)
+            self.backend, init_method=f"tcp://{world.master_addr}:{world.master_port}",
+            rank=world.rank, world_size=world.world_size, timeout=self.timeout)
         self.plan = BatchPlan.from_env(os.environ)
 
     def _announce(self) -> None:
         if self.channel is not None:
-            self.channel.send({"type": "running", "round": self.round})
+            self.channel.send(Running(round=self.round))
 
     def change_pending(self) -> bool:
         """Collective: True on every rank when any rank knows of a newer round (or of its node
@@ -206,7 +199,7 @@ class ElasticWorld:
         now = time.monotonic()
         if self.channel is not None and now - self._reported_at >= PROGRESS_INTERVAL_S:
             self._reported_at = now
-            self.channel.send({"type": "progress", "steps": self._steps})
+            self.channel.send(Progress(steps=self._steps))
 
     def reconfigure(self) -> None:
         """Leave the old process group and enter the next round's (after a boundary everyone
@@ -217,9 +210,9 @@ class ElasticWorld:
 
     def report_failure(self, exc: BaseException) -> None:
         if self.channel is not None:
-            self.channel.send({"type": "collective_failed", "round": self.round,
-                               "error": f"{type(exc).__name__}: {exc}",
-                               "traceback": "".join(traceback.format_exception(exc))[-4000:]})
+            self.channel.send(CollectiveFailed(
+                round=self.round, error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc))[-4000:]))
 
     def _leave_group(self) -> None:
         if dist.is_initialized():

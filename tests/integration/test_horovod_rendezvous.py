@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from elastic.contract import CollectiveFailed
 from elastic.policy import make_policy
 from integrations.horovod.agent import HorovodWorkers
 from integrations.horovod.slots import ENV_PLAN_URL, REMOVED
@@ -97,10 +98,9 @@ def test_rank_and_size_waits_for_a_newer_round_and_reports_a_failed_collective(n
         a=http(node, 1, "GET", "rank_and_size/node-a:1")))
     asking.start()
     heard = wait_until(lambda: node.drain([]), "the agent to hear why the worker asked")
-    assert [m for _, m in heard] == [
-        {"type": "collective_failed", "round": 1,
-         "error": "Horovod worker node-a:1 (local rank 1) reset after a failed collective in "
-                  "round 1"}]
+    assert [m for _, m in heard] == [CollectiveFailed(
+        round=1, error="Horovod worker node-a:1 (local rank 1) reset after a failed collective "
+                       "in round 1")]
     assert asking.is_alive()  # no newer round: it waits for one
     node.push_round(assignment(2, [1, 2], 1))  # now the second of two nodes
     asking.join(5)
