@@ -41,14 +41,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -56,7 +53,11 @@ from typing import Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support
 from rescale_train import Outcome, find_change, read_lines, report  # noqa: E402
+
+from launcher.network import free_port  # noqa: E402
+from tests.support import kill_tree  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "benchmarks" / "rescale_train.py"
@@ -89,33 +90,6 @@ class Hang(NoResult):
     """No step in the new world within the wait, or an agent gave up on a timeout."""
 
     kind = "hang"
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and everything under it: collect descendants, kill the root, then them."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    proc.kill()  # root first, so it cannot start replacements for the children killed next
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    # Agents run in their own session: this also reaches anything forked after the snapshot.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    psutil.wait_procs(descendants, timeout=10)
 
 
 def last_error(log: Path) -> str:

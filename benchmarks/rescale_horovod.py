@@ -46,7 +46,10 @@ from typing import Dict, List, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.support
 from rescale_train import Outcome, Median, find_change, machine, ratio, read_lines  # noqa: E402
+
+from tests.support import kill_tree  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "benchmarks" / "rescale_horovod_train.py"
@@ -75,22 +78,6 @@ class NoResult(Exception):
 
     def outcome(self) -> Outcome:
         return Outcome(kind=self.kind, detail=str(self), waited=self.waited)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process we started and everything under it."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    proc.kill()
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(descendants, timeout=10)
 
 
 class Run:

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from typing import List, Optional
 
 from elastic.cli import RunConfig, UsageError, parse_args
@@ -56,6 +57,7 @@ def run(config: RunConfig) -> int:
                                   max_nodes=config.max_nodes, max_restarts=config.max_restarts,
                                   **conf)
     embedded = store = agent = None
+    closers = []
     try:
         endpoint = config.endpoint
         plan = config.rendezvous
@@ -77,24 +79,53 @@ def run(config: RunConfig) -> int:
         spec = WorkerSpec(argv=config.argv, nproc=config.nproc, log_dir=config.log_dir,
                           grace_period_s=config.grace_period, role=config.role,
                           console_quiet=config.console_quiet)
+        backend, closers = worker_backend(config, store, host)
         agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
                                          monitor_interval=config.monitor_interval,
                                          master_port=config.master_port,
                                          batch_policy=config.batch_policy,
                                          rescale_mode=config.rescale_mode,
                                          hang_timeout=config.hang_timeout,
-                                         notices=config.notices, backend=config.backend,
+                                         notices=config.notices,
                                          rank_hint=config.node_rank, endpoint=endpoint),
-                             store, events_path=events)
+                             store, backend, events_path=events)
         return agent.run()
     finally:
         if embedded is not None and store is not None and agent is not None \
                 and plan.hosting is not None:
             linger_for_others(store, agent.node_id, settings.lease_ttl + 5.0)
+        for close in closers:
+            close()
         if store is not None:
             store.close()
         if embedded is not None:
             embedded.stop()
+
+
+def worker_backend(config: RunConfig, store, host: str):
+    """The workers this command line asks for, as a factory the agent calls with its worker
+    spec, node id and wake-up (launcher.agent.BackendFactory), and what to close after the
+    agent. The one place that knows every backend."""
+    mode = config.rescale_mode
+    if config.backend == "horovod":
+        from integrations.horovod.agent import HorovodBackend
+
+        def horovod(spec, node_id, wake):
+            return HorovodBackend(store, spec, node_id=node_id, host=host, wake=wake,
+                                  in_place=mode != "restart")
+        return horovod, []
+    from integrations.horovod.guard import HorovodGuard
+    from launcher.backend import ProcessBackend
+    from launcher.inplace import InPlaceBackend
+
+    guard = HorovodGuard()  # a Horovod script under the torch backend fails at once, and says why
+
+    def torch(spec, node_id, wake):
+        spec = replace(spec, extra_env={**spec.extra_env, **guard.env})
+        if mode == "restart":
+            return ProcessBackend(spec, hint=guard.hint)
+        return InPlaceBackend(spec, wake, forced=mode == "in-place", hint=guard.hint)
+    return torch, [guard.close]
 
 
 def _interrupt(signum, _frame):

@@ -1,23 +1,18 @@
-"""The job's event log: one JSON object per line, appended by every agent of the job.
+"""What happens to a job, as typed events; the event log file is one listener of them.
 
-Schema of a record (every record has all of the first seven keys):
+Each event is a frozen dataclass naming its own fields. An agent's `EventBus` stamps it with the
+time and the node and hands it to every listener: `EventLogFile` appends it to the job's
+`events.jsonl`; metrics and the job client listen the same way.
+
+A record in the file (one JSON object per line, appended by every agent of the job) has the keys
     time        unix seconds (float) when the agent emitted it
-    event       what happened, one of the names below
+    event       the event's name (below)
     node        id of the agent's node
     round       round number the event belongs to, or null
     world_size  workers in that round, or null
     members     node ids of that round in rank order, or null
-    cause       why it happened (e.g. "join", "node_left", "sigterm"), or null
-    ...         event-specific fields, listed with each event
-
-Events:
-    rendezvous    the first round this node runs in
-    rescale       a later round; duration_s = time from the cause to this node's workers starting
-    waiting       the job is below min nodes; this node runs no workers until more join
-    worker_failed rank, exit_code, pid of the first worker of the round that failed
-    node_left     this agent is leaving the job (cause: sigterm, sigint, ...)
-    job_finished  exit_code
-    job_failed    reason, exit_code
+    cause       why it happened, or null (the README lists every value)
+and then the event's own fields, those that are set.
 
 Several agents on one host may share the file: each record is one write() on an O_APPEND
 descriptor, which the kernel appends as a whole, so lines are never split or interleaved.
@@ -25,58 +20,205 @@ descriptor, which the kernel appends as a whole, so lines are never split or int
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from typing import Callable, List, Optional
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar, List, Optional, Tuple
 
-RENDEZVOUS = "rendezvous"
-RESCALE = "rescale"
-WAITING = "waiting"
-WORKER_FAILED = "worker_failed"
-NODE_LEFT = "node_left"
-JOB_FINISHED = "job_finished"
-JOB_FAILED = "job_failed"
+log = logging.getLogger(__name__)
 
-_RESERVED = ("time", "node")
+_COMMON = ("round", "world_size", "members", "cause")
 
 
-class EventLog:
-    """Appends this node's events to a shared file (or only returns them when path is None)."""
+@dataclass(frozen=True)
+class Event:
+    """Fields every event has; a subclass names the event and adds its own."""
 
-    def __init__(self, path: Optional[str], node_id: str, clock: Callable[[], float] = time.time):
-        self.path = path
+    name: ClassVar[str] = ""
+    round: Optional[int] = None
+    world_size: Optional[int] = None
+    members: Optional[Tuple[str, ...]] = None
+    cause: Optional[str] = None
+
+    def extra(self) -> dict:
+        """The event's own fields that are set."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _COMMON and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Joined(Event):
+    """This node registered (cause start, or prewarmed: its workers were started in standby)."""
+
+    name: ClassVar[str] = "joined"
+
+
+@dataclass(frozen=True)
+class Rendezvous(Event):
+    """The first round this node's workers run in."""
+
+    name: ClassVar[str] = "rendezvous"
+    in_place: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Rescale(Event):
+    """A later round reached this node's workers, duration_s after its cause."""
+
+    name: ClassVar[str] = "rescale"
+    duration_s: Optional[float] = None
+    restart_count: Optional[int] = None
+    in_place: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Waiting(Event):
+    """A round without this node: its workers stand by, or it has none."""
+
+    name: ClassVar[str] = "waiting"
+
+
+@dataclass(frozen=True)
+class WorkerFailed(Event):
+    """A worker exited non-zero (cause exit), or an in-place collective failed (collective)."""
+
+    name: ClassVar[str] = "worker_failed"
+    rank: Optional[int] = None
+    exit_code: Optional[int] = None
+    pid: Optional[int] = None
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class WorkerHung(Event):
+    """A worker made no progress for --hang-timeout; its stacks are dumped and it is killed."""
+
+    name: ClassVar[str] = "worker_hung"
+    local_rank: Optional[int] = None
+    pid: Optional[int] = None
+    idle_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class NodeLeft(Event):
+    """Nodes left: removed by the leader (nodes), or this node after a notice (outcome)."""
+
+    name: ClassVar[str] = "node_left"
+    nodes: Optional[Tuple[str, ...]] = None
+    outcome: Optional[str] = None
+    grace_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class NodeExcluded(Event):
+    """The leader cooled a node down after repeated failures, until `until`."""
+
+    name: ClassVar[str] = "node_excluded"
+    nodes: Optional[Tuple[str, ...]] = None
+    until: Optional[float] = None
+    exclusions: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PreemptionNotice(Event):
+    """This node will be taken away (cause: the notice's source)."""
+
+    name: ClassVar[str] = "preemption_notice"
+    detail: Optional[str] = None
+    grace_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class EtcdUnreachable(Event):
+    """etcd stopped answering (cause: the error); the workers train on."""
+
+    name: ClassVar[str] = "etcd_unreachable"
+
+
+@dataclass(frozen=True)
+class EtcdReconnected(Event):
+    """etcd answers again after duration_s."""
+
+    name: ClassVar[str] = "etcd_reconnected"
+    duration_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class JobFinished(Event):
+    name: ClassVar[str] = "job_finished"
+    exit_code: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    name: ClassVar[str] = "job_failed"
+    exit_code: Optional[int] = None
+    reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """An event as it happened: when, and on which node."""
+
+    time: float
+    node: str
+    event: Event
+
+    def to_dict(self) -> dict:
+        e = self.event
+        record = {"time": self.time, "event": e.name, "node": self.node, "round": e.round,
+                  "world_size": e.world_size,
+                  "members": list(e.members) if e.members is not None else None,
+                  "cause": e.cause}
+        record.update({k: list(v) if isinstance(v, tuple) else v for k, v in e.extra().items()})
+        return record
+
+
+Listener = Callable[[Stamped], None]
+
+
+class EventBus:
+    """Stamps this node's events and hands them to every listener, in order. A listener that
+    raises is logged and skipped: an event must not take the agent down."""
+
+    def __init__(self, node_id: str, clock: Callable[[], float] = time.time):
         self.node_id = node_id
         self._clock = clock
-        if path is not None:
-            # Fail at startup, not at the first event, if the file cannot be written.
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        self._listeners: List[Listener] = []
 
-    def emit(self, event: str, **fields) -> dict:
-        """Record one event and return the record.
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
 
-        Raises:
-            ValueError: fields tries to set time or node, which the log owns.
-        """
-        clash = [key for key in _RESERVED if key in fields]
-        if clash:
-            raise ValueError(f"event fields {clash} are set by the event log itself")
-        record = {
-            "time": self._clock(), "event": event, "node": self.node_id,
-            "round": None, "world_size": None, "members": None, "cause": None,
-        }
-        record.update(fields)
-        if self.path is not None:
-            # default=str: an odd field value must not take the agent down with it.
-            data = (json.dumps(record, default=str) + "\n").encode("utf-8")
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def emit(self, event: Event) -> Stamped:
+        stamped = Stamped(self._clock(), self.node_id, event)
+        for listener in self._listeners:
             try:
-                written = os.write(fd, data)  # unbuffered: nothing is left to flush
-                while written < len(data):  # only on a full disk or a signal; keep the rest
-                    written += os.write(fd, data[written:])
-            finally:
-                os.close(fd)
-        return record
+                listener(stamped)
+            except Exception:  # noqa: BLE001 (a listener's bug is not the job's)
+                log.exception("event listener %r failed on %s", listener, event.name)
+        return stamped
+
+
+class EventLogFile:
+    """The listener that appends every event to the job's events.jsonl."""
+
+    def __init__(self, path: str):
+        self.path = path
+        # Fail at startup, not at the first event, if the file cannot be written.
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+
+    def __call__(self, stamped: Stamped) -> None:
+        # default=str: an odd field value must not take the agent down with it.
+        data = (json.dumps(stamped.to_dict(), default=str) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)  # unbuffered: nothing is left to flush
+            while written < len(data):  # only on a full disk or a signal; keep the rest
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
 
 
 def read_events(path: str) -> List[dict]:

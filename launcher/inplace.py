@@ -1,44 +1,58 @@
-"""The agent's bookkeeping for in-place workers: who said hello, who is ready or running where,
-when each last made progress (for hang detection), and the round messages they are sent (over
-launcher.control, in the messages of elastic.contract)."""
+"""In-place torch workers (`integrations.torch`): a backend whose workers follow a new round in
+their processes. The agent keeps track of who said hello, who waits in standby or runs in which
+round, and when each last made progress (for hang detection), and sends them rounds over the
+local control channel (launcher.control) in the messages of elastic.contract.
+
+Workers that never say hello (a script that does not use the API) are restarted like those of
+`ProcessBackend`; restart-mode and in-place workers meet in the same process group.
+"""
 from __future__ import annotations
 
+import signal
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from dataclasses import replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 from elastic.contract import (AGENT_ADDR, Hello, Leave, Message, Progress, Ready, RoundMessage,
                               Running)
 
+from .backend import (PREWARM_ALWAYS, PREWARM_IF_JOB_IN_PLACE, BackendTraits, ProcessBackend,
+                      WorkerStatus)
 from .control import ControlServer
 from .workers import WorkerSpec, WorldAssignment, worker_world
 
 
-class InPlaceWorkers:
-    def __init__(self, spec: WorkerSpec, wake: Callable[[], None]):
-        self.spec = spec
-        self.nproc = spec.nproc
+class InPlaceBackend(ProcessBackend):
+    """forced: --rescale-mode in-place (every node pre-warms); otherwise auto (nodes pre-warm once
+    the job's workers used the API, and a scale-up waits a little for starting workers)."""
+
+    def __init__(self, spec: WorkerSpec, wake: Callable[[], None], *, forced: bool = False,
+                 hint: Callable[[], Optional[str]] = lambda: None):
         self.control = ControlServer(wake)
+        super().__init__(replace(spec, extra_env={**spec.extra_env,
+                                                  AGENT_ADDR: self.control.addr}), hint)
+        self.nproc = spec.nproc
+        self.traits = BackendTraits(
+            in_place=True, standby_after_world=True, holds_for_hello=not forced,
+            prewarm=PREWARM_ALWAYS if forced else PREWARM_IF_JOB_IN_PLACE, reports_progress=True)
         self._hello: Dict[int, int] = {}     # local rank -> pid
         self._ready: set = set()
         self._running: Dict[int, int] = {}   # local rank -> round it runs in
         self._progress: Dict[int, float] = {}  # local rank -> last sign of progress (running)
         self._clock = time.time
 
-    @property
-    def env(self) -> Dict[str, str]:
-        return {AGENT_ADDR: self.control.addr}
-
-    def reset(self) -> None:
-        """The workers were stopped: forget them and whatever they still had to say."""
+    def stop(self, sig: int = signal.SIGTERM, grace: Optional[float] = None) -> None:
+        super().stop(sig, grace)
+        # The workers were stopped: forget them and whatever they still had to say.
         self.control.forget()
         self._hello.clear()
         self._ready.clear()
         self._running.clear()
         self._progress.clear()
 
-    def drain(self, pids: Sequence[int]) -> List[Tuple[int, Message]]:
+    def drain(self) -> List[Tuple[int, Message]]:
         """Messages from the current workers (by pid), with the bookkeeping applied."""
-        current = set(pids)
+        current = set(self.group.pids)
         out = []
         while not self.control.messages.empty():
             local_rank, pid, msg = self.control.messages.get_nowait()
@@ -59,29 +73,25 @@ class InPlaceWorkers:
             out.append((local_rank, msg))
         return out
 
-    def stalled(self, timeout: float) -> List[Tuple[int, float]]:
-        """(local rank, seconds idle) of running workers with no progress for `timeout`; each is
-        reported once (it is killed and replaced, so its clock is dropped)."""
-        now = self._clock()
-        out = [(k, now - t) for k, t in self._progress.items() if now - t > timeout]
-        for local_rank, _ in out:
-            del self._progress[local_rank]
-        return out
-
-    def capable(self, pids: Sequence[int]) -> bool:
-        """All of this node's workers use the in-place API and are alive."""
-        return len(pids) == self.nproc and sorted(self._hello.values()) == sorted(pids)
-
-    def all_ready(self) -> bool:
-        return len(self._ready) == self.nproc
-
-    def all_running(self, number: int) -> bool:
-        return len(self._running) == self.nproc and set(self._running.values()) == {number}
+    def status(self) -> WorkerStatus:
+        base = super().status()
+        if base.state == "none":
+            return base
+        pids = base.pids
+        capable = (base.state == "running" and len(pids) == self.nproc
+                   and sorted(self._hello.values()) == sorted(pids))
+        rounds = set(self._running.values())
+        running_round = (next(iter(rounds)) if len(self._running) == self.nproc
+                         and len(rounds) == 1 else None)
+        return replace(base, capable=capable, all_ready=len(self._ready) == self.nproc,
+                       running_round=running_round,
+                       last_progress=tuple(sorted(self._progress.items())))
 
     def push_round(self, a: WorldAssignment) -> None:
         for local_rank in range(self.nproc):
             world = worker_world(self.spec, a, local_rank)
             self.control.send(local_rank, RoundMessage(a.round, member=True, world=world))
+        self.group.set_ranks(a.rank_offset)  # their output is labelled with their new ranks
 
     def push_standby(self, number: int) -> None:
         for local_rank in range(self.nproc):
@@ -94,4 +104,5 @@ class InPlaceWorkers:
             self.control.send(local_rank, Leave(checkpoint))
 
     def close(self) -> None:
+        super().close()
         self.control.close()

@@ -18,6 +18,14 @@ import psutil
 ENV_GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the caller binds it soon after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def iface_of(address: str, interfaces: Optional[Mapping[str, list]] = None) -> Optional[str]:
     """The network interface that holds `address`, or None when no interface does (a name, or
     an address translated on the way)."""

@@ -9,10 +9,12 @@ Layout (all values JSON unless noted):
     failures/<round>/<node_id>   FailureReport of a node whose workers failed in that round
     state                JobOutcome, written once when the job ends
     inplace              "1" once some node's workers use the in-place API (newcomers pre-warm)
-    horovod/<round>/<scope>/<key>   Horovod's gloo rendezvous of a round (bytes; integrations.horovod)
-    horovod/elastic      "1" once some Horovod worker entered hvd.elastic.run
+    ext/<name>/...       keys of an extension (integrations.horovod keeps its gloo rendezvous
+                         there); never read by snapshot(), never waking watch()
 
-Every client-library error becomes a RendezvousConnectionError here (`raise ... from`).
+`JobStore` is what the agent and membership need; `EtcdStore` implements it (contract tests
+against a real etcd in tests/integration/test_store.py). Every client-library error becomes a
+RendezvousConnectionError here (`raise ... from`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import functools
 import json
 import threading
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 from .api import JobOutcome, NodeInfo, RendezvousConnectionError, Round
 from .connect import connect
@@ -45,6 +47,31 @@ class Snapshot:
 
     def failures_for(self, number: int) -> Tuple[FailureReport, ...]:
         return self.failures.get(number, ())
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """One job's state, as the agent and its membership read and change it."""
+
+    endpoint: str
+    run_id: str
+
+    def grant_lease(self, ttl: float) -> int: ...
+    def refresh_lease(self, lease_id: int) -> bool: ...
+    def revoke_lease(self, lease_id: int) -> None: ...
+    def ensure_spec(self, spec: dict) -> dict: ...
+    def register(self, node: NodeInfo) -> None: ...
+    def campaign(self, node_id: str, lease_id: int) -> bool: ...
+    def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool: ...
+    def put_master(self, number: int, addr: str) -> None: ...
+    def report_failure(self, number: int, report: FailureReport) -> None: ...
+    def set_outcome(self, outcome: JobOutcome) -> JobOutcome: ...
+    def mark_in_place(self) -> None: ...
+    def delete_job(self) -> None: ...
+    def snapshot(self) -> Snapshot: ...
+    def watch(self, callback: Callable[[], None]) -> None: ...
+    def rewatch(self, callback: Callable[[], None]) -> None: ...
+    def close(self) -> None: ...
 
 
 def _converted(method):
@@ -159,50 +186,40 @@ class EtcdStore:
     def delete_job(self) -> None:
         self._client.delete_prefix(self._root)
 
-    # -- Horovod's gloo rendezvous (integrations.horovod) --------------------------------
-    def _hvd_key(self, number: int, scope: str, key: str = "") -> str:
-        return self._key("horovod", number, scope, key)
+    # -- an extension's keys (ext/<name>/...) ----------------------------------------------
+    def _ext(self, name: str, key: str = "") -> str:
+        return self._key("ext", name, key)
 
     @_converted
-    def hvd_put(self, number: int, scope: str, key: str, value: bytes) -> None:
-        self._client.put(self._hvd_key(number, scope, key), value)
+    def ext_put(self, name: str, key: str, value: bytes) -> None:
+        self._client.put(self._ext(name, key), value)
 
     @_converted
-    def hvd_get(self, number: int, scope: str, key: str) -> Optional[bytes]:
-        value, _ = self._client.get(self._hvd_key(number, scope, key))
+    def ext_get(self, name: str, key: str) -> Optional[bytes]:
+        value, _ = self._client.get(self._ext(name, key))
         return value
 
     @_converted
-    def hvd_delete(self, number: int, scope: str, *keys: str) -> None:
+    def ext_delete(self, name: str, *keys: str) -> None:
         for key in keys:
-            self._client.delete(self._hvd_key(number, scope, key))
+            self._client.delete(self._ext(name, key))
 
     @_converted
-    def hvd_delete_rounds_before(self, number: int) -> None:
-        """Drop the rendezvous keys of every round before `number`."""
-        base = self._key("horovod", "")
-        old = set()
-        for _, meta in self._client.get_prefix(base, keys_only=True):
-            first = meta.key.decode()[len(base):].split("/", 1)[0]
-            if first.isdigit() and int(first) < number:
-                old.add(first)
-        for first in old:
-            self._client.delete_prefix(base + first + "/")
+    def ext_keys(self, name: str) -> List[str]:
+        """Every key of the extension, relative to ext/<name>/."""
+        base = self._ext(name)
+        return [meta.key.decode()[len(base):]
+                for _, meta in self._client.get_prefix(base, keys_only=True)]
 
     @_converted
-    def hvd_mark_elastic(self) -> None:
-        self._client.put(self._key("horovod", "elastic"), "1")
+    def ext_delete_prefix(self, name: str, prefix: str) -> None:
+        self._client.delete_prefix(self._ext(name, prefix))
 
     @_converted
-    def hvd_is_elastic(self) -> bool:
-        value, _ = self._client.get(self._key("horovod", "elastic"))
-        return value is not None
-
-    @_converted
-    def hvd_watch(self, callback: Callable[[], None]):
-        """Call `callback()` (from a client thread) whenever a Horovod rendezvous key changes;
+    def ext_watch(self, name: str, callback: Callable[[], None]):
+        """Call `callback()` (from a client thread) whenever a key of the extension changes;
         returns the id for `cancel_watch`."""
-        return self._client.add_watch_prefix_callback(self._key("horovod", ""),
+        return self._client.add_watch_prefix_callback(self._ext(name),
                                                       lambda _response: callback())
 
     def cancel_watch(self, watch_id) -> None:
@@ -247,13 +264,13 @@ class EtcdStore:
     @_converted
     def watch(self, callback: Callable[[], None]) -> None:
         """Call `callback()` (from a client thread) whenever any key of the job changes, except
-        Horovod's rendezvous keys: workers write dozens of them per round and no agent decision
-        depends on them."""
-        horovod = self._key("horovod", "").encode()
+        an extension's: Horovod workers write dozens of rendezvous keys per round and no agent
+        decision depends on them."""
+        extensions = self._key("ext", "").encode()
 
         def on_response(response) -> None:
             events = getattr(response, "events", None)  # an error is passed on as it is
-            if events and all(e.key.startswith(horovod) for e in events):
+            if events and all(e.key.startswith(extensions) for e in events):
                 return
             callback()
 

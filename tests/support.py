@@ -1,11 +1,48 @@
-"""Helpers shared by tests and benchmarks: stand-ins for what is outside the project."""
+"""Helpers shared by tests and benchmarks (run from the repository root): a node's death, the
+job's event log, stand-ins for what is outside the project, and checks of what a job computed.
+Free ports come from `launcher.network.free_port`; etcd from `rendezvous.embedded.EmbeddedEtcd`.
+"""
 import os
+import signal
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import List
 
-import pytest
+import psutil
+
+from launcher.events import read_events as _read_event_file
 
 HOROVOD_INSTALL = "bash integrations/horovod/install.sh"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """A node's death: SIGKILL a process we started and every process under it, whatever their
+    session (the root first, so it cannot start replacements), then reap them."""
+    try:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    try:  # agents run in their own session: this reaches anything forked after the snapshot
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(10)
+    psutil.wait_procs(tree[1:], timeout=10)
+
+
+def read_events(log_dir) -> List[dict]:
+    """The job's event log in `log_dir` ([] before the first event); only a last line still
+    being written is left out, any other line that is not a record fails."""
+    path = Path(log_dir) / "events.jsonl"
+    return _read_event_file(str(path)) if path.exists() else []
 
 
 def parameter_differences(actual, expected, rtol=1e-5, atol=1e-8):
@@ -34,6 +71,8 @@ def parameter_differences(actual, expected, rtol=1e-5, atol=1e-8):
 def require_horovod(allow_module_level: bool = False) -> None:
     """Skip when Horovod with PyTorch does not import, except under CI (CI set): there a broken
     or missing install must fail, not read as a skip."""
+    import pytest
+
     try:
         import horovod.torch  # noqa: F401
     except ImportError as exc:

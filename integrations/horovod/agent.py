@@ -1,10 +1,9 @@
 """The agent's side of Horovod workers: their gloo rendezvous, backed by etcd, and the mapping of
 rounds onto Horovod's elastic resets.
 
-`HorovodWorkers` has the interface of `launcher.inplace.InPlaceWorkers`, so the agent drives it
-the same way: a round is applied in place when every local worker runs `hvd.elastic.run` (or is
-a newcomer still starting in a job that does, or waits in standby), otherwise by restarting the
-workers.
+`HorovodBackend` is a `launcher.backend.WorkerBackend`, so the agent drives it as any other: a
+round is applied in place when every local worker runs `hvd.elastic.run` (or is a newcomer still
+starting in a job that does, or waits in standby), otherwise by restarting the workers.
 
 - Pre-warm. Workers run through `integrations.horovod.prewarm`: a joining node starts them in
   standby, where they import torch and Horovod, and registers once all of them wait for their
@@ -27,18 +26,22 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from elastic.contract import CollectiveFailed
+from launcher.backend import (PREWARM_ALWAYS, PREWARM_NEVER, BackendTraits, ProcessBackend,
+                              WorkerStatus)
 from launcher.network import iface_of
 from launcher.workers import WorkerSpec, WorldAssignment, worker_env as launcher_env
 from rendezvous.api import RendezvousConnectionError
 from rendezvous.store import EtcdStore
 
 from .endpoint import BackendUnavailable, SlotBackend, SlotEndpoint
+from .keys import HorovodKeys
 from .prewarm import ENV_ENDPOINTS, runner_argv
 from .slots import PLAN_SCOPE, REMOVED, Slot, node_slots, worker_env
 
@@ -80,14 +83,15 @@ class _Round:
     slots: Tuple[Slot, ...] = ()
 
 
-class HorovodWorkers(SlotBackend):
-    """`spec` is the agent's; run the workers with `self.spec`, which starts them through the
-    pre-warm runner and adds their Horovod variables at each spawn."""
+class HorovodBackend(ProcessBackend, SlotBackend):
+    """Horovod workers for one agent. `spec` is the agent's; the workers run through the pre-warm
+    runner and get their Horovod variables at each spawn. in_place: follow rounds in place (the
+    default, auto); False: restart the workers on every change (--rescale-mode restart)."""
 
     def __init__(self, store: EtcdStore, spec: WorkerSpec, *, node_id: str, host: str,
                  wake: Callable[[], None], in_place: bool = True):
         self.nproc = nproc = spec.nproc
-        self._store, self._hostname, self._wake = store, node_id, wake
+        self.keys, self._hostname, self._wake = HorovodKeys(store), node_id, wake
         self._iface = iface_of(host)
         self._in_place = in_place
         self._cond = threading.Condition(threading.RLock())
@@ -103,17 +107,22 @@ class HorovodWorkers(SlotBackend):
         self._endpoints = [SlotEndpoint(k, self) for k in range(nproc)]
         runner = runner_argv(spec.argv)
         self.can_prewarm = runner is not None
-        self.spec = replace(
+        super().__init__(replace(
             spec, argv=runner or spec.argv, rank_env=self.spawn_env,
             extra_env={**spec.extra_env, ENV_ENDPOINTS: ",".join(
-                f"127.0.0.1:{e.port}" for e in self._endpoints)})
+                f"127.0.0.1:{e.port}" for e in self._endpoints)}))
+        # A Horovod worker that entered a world cannot go back to standby; workers report no
+        # step progress; every joining node pre-warms (importing Horovod takes seconds).
+        self.traits = BackendTraits(
+            in_place=in_place,
+            prewarm=PREWARM_ALWAYS if in_place and self.can_prewarm else PREWARM_NEVER)
         try:
-            self._watch_id = store.hvd_watch(self._kv_changed)
+            self._watch_id = self.keys.watch(self._kv_changed)
         except RendezvousConnectionError:
             self._watch_id = None  # GETs of missing keys then just re-read etcd every RECHECK_S
         threading.Thread(target=self._notify_loop, name="hvd-notify", daemon=True).start()
 
-    # -- what the agent calls (the interface of launcher.inplace.InPlaceWorkers) ------------
+    # -- what the agent calls (launcher.backend.WorkerBackend) -------------------------------
     def spawn_env(self, a: WorldAssignment, local_rank: int) -> Dict[str, str]:
         """WorkerSpec.rank_env: the Horovod variables of a worker starting in round a."""
         slot = node_slots(a.member_nprocs, a.group_rank)[local_rank]
@@ -148,8 +157,9 @@ class HorovodWorkers(SlotBackend):
             self._leaving = True
             self._cond.notify_all()
 
-    def reset(self) -> None:
-        """The workers were stopped: forget them and whatever they still had to say."""
+    def stop(self, sig: int = signal.SIGTERM, grace: Optional[float] = None) -> None:
+        super().stop(sig, grace)
+        # The workers were stopped: forget them and whatever they still had to say.
         with self._cond:
             for w in self._workers:
                 w.generation += 1
@@ -158,16 +168,23 @@ class HorovodWorkers(SlotBackend):
         while not self._messages.empty():
             self._messages.get_nowait()
 
-    def drain(self, pids: Sequence[int]) -> List[Tuple[int, CollectiveFailed]]:
+    def drain(self) -> List[Tuple[int, CollectiveFailed]]:
         out = []
         while not self._messages.empty():
             out.append(self._messages.get_nowait())
         return out
 
-    def capable(self, pids: Sequence[int]) -> bool:
-        """All local workers can follow a new round in their processes: they wait in standby,
-        run hvd.elastic.run, or are starting in a job whose workers do (they will)."""
-        if not self._in_place or len(pids) != self.nproc:
+    def status(self) -> WorkerStatus:
+        base = super().status()
+        if base.state == "none":
+            return base
+        return replace(base, capable=base.state == "running" and self.can_follow(len(base.pids)),
+                       all_ready=self.all_in_standby(), running_round=self.common_round())
+
+    def can_follow(self, count: int) -> bool:
+        """All `count` local workers can follow a new round in their processes: they wait in
+        standby, run hvd.elastic.run, or are starting in a job whose workers do (they will)."""
+        if not self._in_place or count != self.nproc:
             return False
         with self._cond:
             if any(w.round is None and not w.waiting for w in self._workers):
@@ -176,25 +193,25 @@ class HorovodWorkers(SlotBackend):
                 return True  # in hvd.elastic.run, or in standby
         return self._job_is_elastic()
 
-    def all_ready(self) -> bool:
+    def all_in_standby(self) -> bool:
         with self._cond:
             return all(w.waiting and w.start is None for w in self._workers)
 
-    def all_running(self, number: int) -> bool:
+    def common_round(self) -> Optional[int]:
+        """The round whose global rendezvous every local worker completed, if one."""
         with self._cond:
-            return all(w.running == number for w in self._workers)
-
-    def stalled(self, timeout: float) -> List[Tuple[int, float]]:
-        return []  # Horovod workers report no step progress
+            rounds = {w.running for w in self._workers}
+        return next(iter(rounds)) if len(rounds) == 1 else None
 
     def close(self) -> None:
+        super().close()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         for endpoint in self._endpoints:
             endpoint.close()
         if self._watch_id is not None:
-            self._store.cancel_watch(self._watch_id)
+            self.keys.cancel(self._watch_id)
 
     # -- what the workers ask (endpoint.SlotBackend) --------------------------------------
     def kv_get(self, local_rank: int, scope: str, key: str) -> Optional[bytes]:
@@ -202,7 +219,7 @@ class HorovodWorkers(SlotBackend):
         deadline = time.monotonic() + LONG_POLL_S
         while True:
             seen = self._kv_version
-            value = self._etcd(lambda: self._store.hvd_get(number, scope, key))
+            value = self._etcd(lambda: self.keys.get(number, scope, key))
             left = deadline - time.monotonic()
             if value is not None or left <= 0:
                 return value
@@ -211,12 +228,12 @@ class HorovodWorkers(SlotBackend):
 
     def kv_put(self, local_rank: int, scope: str, key: str, value: bytes) -> None:
         number = self._round_of(local_rank)
-        self._etcd(lambda: self._store.hvd_put(number, scope, key, value))
+        self._etcd(lambda: self.keys.put(number, scope, key, value))
 
     def kv_finalize(self, local_rank: int, scope: str, rank: str) -> None:
         number = self._round_of(local_rank)
         # Every peer passed the barrier, so none reads this rank's keys of the scope again.
-        self._etcd(lambda: self._store.hvd_delete(number, scope, rank, f"rank_{rank}"))
+        self._etcd(lambda: self.keys.delete(number, scope, rank, f"rank_{rank}"))
         if scope != "global":
             return
         with self._cond:
@@ -228,7 +245,7 @@ class HorovodWorkers(SlotBackend):
         self._wake()
         if everyone:  # no member of this round still needs an older round's keys
             try:
-                self._store.hvd_delete_rounds_before(number)
+                self.keys.delete_rounds_before(number)
             except RendezvousConnectionError as exc:
                 log.info("could not delete old Horovod rendezvous keys: %s", exc)
 
@@ -273,7 +290,7 @@ class HorovodWorkers(SlotBackend):
         self._wake()
         if not self._elastic:
             try:  # from now on, newcomers still starting are kept through a round change
-                self._store.hvd_mark_elastic()
+                self.keys.mark_elastic()
                 self._elastic = True
             except RendezvousConnectionError as exc:
                 log.info("could not mark the job elastic yet: %s", exc)
@@ -282,7 +299,7 @@ class HorovodWorkers(SlotBackend):
         with self._cond:
             return self._plans.get(self._workers[local_rank].round)
 
-    def start(self, local_rank: int) -> Optional[bytes]:
+    def first_world(self, local_rank: int) -> Optional[bytes]:
         with self._cond:
             w = self._workers[local_rank]
             generation = w.generation
@@ -331,7 +348,7 @@ class HorovodWorkers(SlotBackend):
     def _job_is_elastic(self) -> bool:
         if not self._elastic:
             try:
-                self._elastic = self._store.hvd_is_elastic()
+                self._elastic = self.keys.is_elastic()
             except RendezvousConnectionError:
                 return False
         return self._elastic

@@ -67,7 +67,7 @@ class SlotBackend(abc.ABC):
         """JSON of the batch plan's ELASTIC_* variables for the worker's round; None without one."""
 
     @abc.abstractmethod
-    def start(self, local_rank: int) -> Optional[bytes]:
+    def first_world(self, local_rank: int) -> Optional[bytes]:
         """A worker in standby: JSON of its world's variables once a round names its node
         (blocks until then), or None when it is not needed any more."""
 
@@ -130,7 +130,7 @@ def _handler(local_rank: int, backend: SlotBackend):
                 if scope == PLAN_SCOPE:
                     value = backend.plan(local_rank)
                 elif scope == START_SCOPE:
-                    value = backend.start(local_rank)
+                    value = backend.first_world(local_rank)
                 else:
                     value = backend.kv_get(local_rank, scope, key)
                 return (404, b"") if value is None else (200, value)

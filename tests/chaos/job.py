@@ -20,7 +20,6 @@ from __future__ import annotations
 import codecs
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from rendezvous.embedded import EmbeddedEtcd
 from tests.integration.agents import REPO, Agent, read_events
 
 from . import schedule as sched
+from launcher.network import free_port
 
 SCRIPT = "tests/integration/scripts/fixed_train.py"
 DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH = 200, 10, 4
@@ -68,11 +68,6 @@ def launcher_has(flag: str) -> bool:
                           capture_output=True, text=True, timeout=60).stdout
     return flag in text
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

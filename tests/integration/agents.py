@@ -1,6 +1,5 @@
 """Running launcher agents as separate processes, the way users and tests see them."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from launcher.events import read_events as events_in
+from tests.support import kill_tree, read_events  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = Path(__file__).resolve().parent / "scripts" / "steps.py"
@@ -48,21 +47,6 @@ class Agent:
             self.kill_node()
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and every process under it (the agent first), then reap it."""
-    try:
-        tree = [psutil.Process(proc.pid)]
-        tree += tree[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(10)
-
-
 def new_mark() -> str:
     return uuid.uuid4().hex
 
@@ -87,13 +71,6 @@ def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def read_events(log_dir):
-    """The job's event log (launcher.events.read_events: only a last line still being written is
-    left out; any other line that is not a record fails the test)."""
-    path = Path(log_dir) / "events.jsonl"
-    return events_in(str(path)) if path.exists() else []
 
 
 def worlds_started(log_dir, node=None):

@@ -81,7 +81,7 @@ def test_grows_as_agents_join_shrinks_on_sigkill_and_sigterm_then_finishes(job):
     # after the moment the test acted, and a join's is no later than the newcomer's `joined`.
     a_node = events[0]["node"]
     joined = [e["time"] for e in events if e["event"] == "joined" and e["node"] != a_node]
-    causes = [round(e["time"] - e["duration_s"], 2) for e in rescales if e["node"] == a_node]
+    causes = [e["time"] - e["duration_s"] for e in rescales if e["node"] == a_node]
     assert [e["cause"] for e in rescales if e["node"] == a_node] == [
         "node_joined", "node_joined", "node_left", "node_left"]
     acted = [started["b"], started["c"], killed, terminated]

@@ -16,17 +16,13 @@ import pytest
 from rendezvous.api import RendezvousConnectionError
 from rendezvous.connect import connect, wait_for_etcd
 from rendezvous.embedded import EmbeddedEtcd
+from launcher.network import free_port
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_WITHIN = 10.0
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

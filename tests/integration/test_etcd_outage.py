@@ -1,20 +1,15 @@
 """etcd outages: training goes on in the current world, and the job carries on when etcd returns
 (restarted on its data dir, nothing lost)."""
-import socket
 
 import pytest
 
 from rendezvous.embedded import EmbeddedEtcd
 
 from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
+from launcher.network import free_port
 
 pytestmark = pytest.mark.integration
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def steps_in(text, world):

@@ -15,7 +15,7 @@ import pytest
 
 from elastic.contract import CollectiveFailed
 from elastic.policy import make_policy
-from integrations.horovod.agent import HorovodWorkers
+from integrations.horovod.agent import HorovodBackend
 from integrations.horovod.slots import ENV_PLAN_URL, REMOVED
 from integrations.horovod.worker import current_plan
 from launcher.workers import WorkerSpec, WorldAssignment
@@ -37,7 +37,7 @@ def node(etcd_endpoint, run_id):
     store = EtcdStore(etcd_endpoint, run_id)
     woken = threading.Event()
     spec = WorkerSpec(argv=(sys.executable, "-u", "train.py"), nproc=2)
-    workers = HorovodWorkers(store, spec, node_id="node-a", host="127.0.0.1", wake=woken.set)
+    workers = HorovodBackend(store, spec, node_id="node-a", host="127.0.0.1", wake=woken.set)
     workers.store, workers.woken = store, woken
     yield workers
     workers.close()
@@ -76,7 +76,7 @@ def test_keys_go_to_etcd_under_the_round_of_the_worker_that_wrote_them(node):
     assert env[1]["HOROVOD_GLOO_RENDEZVOUS_PORT"] != env[0]["HOROVOD_GLOO_RENDEZVOUS_PORT"]
     assert env[1]["HOROVOD_RANK"] == "1" and env[1]["HOROVOD_HOSTNAME"] == "node-a"
     assert http(node, 0, "PUT", "global/0", b"addr-0") == (200, b"")
-    assert node.store.hvd_get(1, "global", "0") == b"addr-0"
+    assert node.keys.get(1, "global", "0") == b"addr-0"
     assert http(node, 1, "GET", "global/0") == (200, b"addr-0")
 
     assert http(node, 1, "GET", "global/1")[0] == 404  # held a while, then not there
@@ -86,7 +86,7 @@ def test_keys_go_to_etcd_under_the_round_of_the_worker_that_wrote_them(node):
     answer = {}
     asking = threading.Thread(target=lambda: answer.update(got=http(node, 0, "GET", "global/1")))
     asking.start()
-    node.store.hvd_put(1, "global", "1", b"addr-1")
+    node.keys.put(1, "global", "1", b"addr-1")
     asking.join(30)
     assert answer["got"] == (200, b"addr-1")
 
@@ -97,7 +97,7 @@ def test_rank_and_size_waits_for_a_newer_round_and_reports_a_failed_collective(n
     asking = threading.Thread(target=lambda: answers.update(
         a=http(node, 1, "GET", "rank_and_size/node-a:1")))
     asking.start()
-    heard = wait_until(lambda: node.drain([]), "the agent to hear why the worker asked")
+    heard = wait_until(lambda: node.drain(), "the agent to hear why the worker asked")
     assert [m for _, m in heard] == [CollectiveFailed(
         round=1, error="Horovod worker node-a:1 (local rank 1) reset after a failed collective "
                        "in round 1")]
@@ -107,8 +107,8 @@ def test_rank_and_size_waits_for_a_newer_round_and_reports_a_failed_collective(n
     assert answers["a"] == (200, b"2,3,1,2,0,1")
     # Its keys now go to round 2; the other worker still uses round 1.
     http(node, 1, "PUT", "global/2", b"x")
-    assert node.store.hvd_get(2, "global", "2") == b"x"
-    assert node.store.hvd_get(1, "global", "2") is None
+    assert node.keys.get(2, "global", "2") == b"x"
+    assert node.keys.get(1, "global", "2") is None
 
 
 def test_workers_of_a_node_left_out_are_told_they_were_removed(node):
@@ -122,19 +122,19 @@ def test_workers_of_a_node_left_out_are_told_they_were_removed(node):
 
 def test_a_finished_rendezvous_leaves_no_keys_behind(node):
     spawn(node, assignment(1, [2], 0))
-    node.store.hvd_put(1, "global", "0", b"stale")
+    node.keys.put(1, "global", "0", b"stale")
     node.push_round(assignment(2, [2], 0))
     for k in range(2):
         threading.Thread(target=http, args=(node, k, "GET", f"rank_and_size/node-a:{k}")).start()
     for k in range(2):
         http(node, k, "PUT", f"global/rank_{k}", b"host")
         http(node, k, "PUT", f"global/{k}", b"addr")
-    assert not node.all_running(2)
+    assert node.common_round() != 2
     for k in range(2):
         assert http(node, k, "DELETE", f"global/{k}") == (200, b"")
-    assert node.all_running(2)
-    assert node.store.hvd_get(2, "global", "rank_0") is None
-    assert node.store.hvd_get(1, "global", "0") is None  # the older round is gone too
+    assert node.common_round() == 2
+    assert node.keys.get(2, "global", "rank_0") is None
+    assert node.keys.get(1, "global", "0") is None  # the older round is gone too
 
 
 def test_the_plan_of_the_round_a_worker_is_in(node):
@@ -157,12 +157,12 @@ def test_the_plan_without_a_policy_names_the_flags(node):
 
 def test_starting_workers_follow_rounds_in_place_only_in_an_elastic_job(node):
     spawn(node, assignment(1, [2], 0))
-    assert not node.capable([1, 2])  # nobody entered hvd.elastic.run: a static script
-    node.store.hvd_mark_elastic()
-    assert node.capable([1, 2])
-    assert not node.capable([1])
-    node.reset()
-    assert not node.capable([1, 2])
+    assert not node.can_follow(2)  # nobody entered hvd.elastic.run: a static script
+    node.keys.mark_elastic()
+    assert node.can_follow(2)
+    assert not node.can_follow(1)
+    node.stop()
+    assert not node.can_follow(2)
 
 
 def test_workers_in_standby_get_their_first_world_from_the_round(node):
@@ -175,8 +175,8 @@ def test_workers_in_standby_get_their_first_world_from_the_round(node):
                for k in range(2)]
     for t in waiting:
         t.start()
-    wait_until(node.all_ready, "both workers waiting in standby")
-    assert node.capable([1, 2])  # standby workers take a round in place
+    wait_until(node.all_in_standby, "both workers waiting in standby")
+    assert node.can_follow(2)  # standby workers take a round in place
     node.push_round(assignment(4, [1, 2], 1))
     for t in waiting:
         t.join(5)
@@ -184,9 +184,9 @@ def test_workers_in_standby_get_their_first_world_from_the_round(node):
     assert world[1]["RANK"] == world[1]["HOROVOD_RANK"] == "2"
     assert world[1]["HOROVOD_CROSS_SIZE"] == "1" and world[0]["WORLD_SIZE"] == "3"
     assert world[0]["HOROVOD_GLOO_RENDEZVOUS_PORT"] == str(node._endpoints[0].port)
-    assert not node.all_ready()
+    assert not node.all_in_standby()
     http(node, 0, "PUT", "global/1", b"x")  # its keys go to the round it was given
-    assert node.store.hvd_get(4, "global", "1") == b"x"
+    assert node.keys.get(4, "global", "1") == b"x"
 
 
 def test_a_worker_in_standby_that_is_not_needed_is_told_so(node):
@@ -195,7 +195,7 @@ def test_a_worker_in_standby_that_is_not_needed_is_told_so(node):
     asking = threading.Thread(target=lambda: done.update(a=http(node, 0, "GET", "elastic_start/0")))
     asking.start()
     assert node.woken.wait(30)  # the worker is waiting for its world
-    node.reset()  # its node stopped the workers
+    node.stop()  # its node stopped the workers
     asking.join(5)
     assert done["a"][0] == 404
 
@@ -203,7 +203,7 @@ def test_a_worker_in_standby_that_is_not_needed_is_told_so(node):
 def test_the_agent_watch_ignores_rendezvous_keys(node):
     calls = []
     node.store.watch(lambda: calls.append(1))
-    node.store.hvd_put(1, "global", "0", b"x")
+    node.keys.put(1, "global", "0", b"x")
     node.store.mark_in_place()
     # etcd delivers watch events in revision order: once the later key's call has come, the
     # rendezvous key's would have come before it.

@@ -1,4 +1,3 @@
-import socket
 from datetime import timedelta
 
 import pytest
@@ -9,17 +8,13 @@ from torch import nn
 
 from elastic.sampler import ElasticSampler
 from elastic.state import ElasticState, StateSyncError
+from launcher.network import free_port
 
 pytestmark = pytest.mark.integration
 
 WORLD = 3
 TIMEOUT = timedelta(seconds=60)  # a hung collective fails the test instead of blocking it
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(rank, hidden=16):

@@ -7,7 +7,7 @@ import pytest
 from rendezvous.api import JobOutcome, Member, NodeInfo, RendezvousConnectionError, RendezvousSettings, Round
 from rendezvous.decision import FailureReport
 from rendezvous.membership import Membership
-from rendezvous.store import EtcdStore
+from rendezvous.store import EtcdStore, JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +142,28 @@ def test_memberships_form_rounds_and_shrink_on_leave(etcd_endpoint, run_id):
         stores[0].delete_job()
         for s in stores:
             s.close()
+
+
+def test_the_etcd_store_is_a_job_store(store):
+    assert isinstance(store, JobStore)
+
+
+def test_an_extensions_keys_are_its_own_and_wake_no_agent(store):
+    woken = []
+    store.watch(lambda: woken.append(1))
+    store.ext_put("horovod", "3/global/0", b"addr")
+    store.ext_put("horovod", "4/global/0", b"addr")
+    store.ext_put("other", "x", b"y")
+    assert store.ext_get("horovod", "3/global/0") == b"addr"
+    assert sorted(store.ext_keys("horovod")) == ["3/global/0", "4/global/0"]
+    store.ext_delete_prefix("horovod", "3/")
+    assert store.ext_keys("horovod") == ["4/global/0"] and store.ext_keys("other") == ["x"]
+    store.ext_delete("horovod", "4/global/0")
+    assert store.ext_get("horovod", "4/global/0") is None
+    # Their watch woke for none of it: the first call comes for a job key written after them
+    # (watch events arrive in order).
+    store.mark_in_place()
+    assert wait_until(lambda: woken)
+    assert woken == [1]
+    snap = store.snapshot()
+    assert snap.nodes == {} and snap.in_place

@@ -1,19 +1,14 @@
 """torchrun's command line through real agents: a static rendezvous hosted by node rank 0 (ranks
 follow --node-rank), a c10d one hosted by the endpoint's host, and the console flags."""
-import socket
 
 import psutil
 import pytest
 
 from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
+from launcher.network import free_port
 
 pytestmark = pytest.mark.integration
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

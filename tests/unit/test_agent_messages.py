@@ -2,7 +2,7 @@
 from rendezvous.api import JobOutcome, Member, NodeInfo, RendezvousSettings, Round
 from rendezvous.store import Snapshot
 
-from launcher.agent import waiting_message
+from launcher.decision import waiting_message
 
 SETTINGS = RendezvousSettings(run_id="job7", min_nodes=2, max_nodes=2)
 

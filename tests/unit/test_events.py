@@ -1,9 +1,8 @@
 import json
 import multiprocessing
 
-import pytest
-
-from launcher.events import EventLog, read_events
+from launcher.events import (EventBus, EventLogFile, JobFinished, Rendezvous, Rescale, Waiting,
+                             WorkerFailed, read_events)
 
 WRITERS = 6
 EVENTS_PER_WRITER = 150
@@ -11,23 +10,30 @@ EVENTS_PER_WRITER = 150
 PADDING = "x" * 9000
 
 
-def test_record_has_schema_keys_and_extra_fields(tmp_path):
+def logging_bus(path, node, clock=None):
+    bus = EventBus(node, clock=clock) if clock else EventBus(node)
+    bus.subscribe(EventLogFile(str(path)))
+    return bus
+
+
+def test_record_has_schema_keys_and_the_events_own_fields(tmp_path):
     path = tmp_path / "events.jsonl"
-    log = EventLog(str(path), "node-a", clock=lambda: 1700000000.25)
+    bus = logging_bus(path, "node-a", clock=lambda: 1700000000.25)
 
-    record = log.emit("rescale", round=3, world_size=4, members=("node-a", "node-b"),
-                      cause="join", duration_s=1.5)
+    stamped = bus.emit(Rescale(round=3, world_size=4, members=("node-a", "node-b"),
+                               cause="node_joined", duration_s=1.5))
 
-    assert record == {
+    assert stamped.to_dict() == {
         "time": 1700000000.25, "event": "rescale", "node": "node-a", "round": 3,
-        "world_size": 4, "members": ("node-a", "node-b"), "cause": "join", "duration_s": 1.5,
+        "world_size": 4, "members": ["node-a", "node-b"], "cause": "node_joined",
+        "duration_s": 1.5,
     }
-    assert read_events(str(path)) == [dict(record, members=["node-a", "node-b"])]
+    assert read_events(str(path)) == [stamped.to_dict()]
 
 
-def test_keys_not_given_are_null(tmp_path):
+def test_common_keys_not_given_are_null_and_own_fields_not_given_are_left_out(tmp_path):
     path = tmp_path / "events.jsonl"
-    EventLog(str(path), "node-b", clock=lambda: 5.0).emit("job_finished", exit_code=0)
+    logging_bus(path, "node-b", clock=lambda: 5.0).emit(JobFinished(exit_code=0))
 
     assert read_events(str(path)) == [{
         "time": 5.0, "event": "job_finished", "node": "node-b", "round": None,
@@ -35,33 +41,33 @@ def test_keys_not_given_are_null(tmp_path):
     }]
 
 
-def test_without_a_path_records_are_returned_and_nothing_is_written(tmp_path):
-    log = EventLog(None, "node-a")
+def test_every_listener_hears_every_event_and_a_failing_one_does_not_stop_the_others():
+    heard = []
+    bus = EventBus("node-a")
 
-    record = log.emit("waiting", round=2, members=["node-a"])
+    def broken(_stamped):
+        raise RuntimeError("listener bug")
+    bus.subscribe(broken)
+    bus.subscribe(heard.append)
 
-    assert record["event"] == "waiting" and record["round"] == 2
-    assert isinstance(record["time"], float)
-    assert list(tmp_path.iterdir()) == []
+    stamped = bus.emit(Waiting(round=2, members=("node-a",)))
 
-
-def test_fields_cannot_override_time_or_node():
-    with pytest.raises(ValueError, match="node"):
-        EventLog(None, "node-a").emit("rendezvous", node="someone-else")
+    assert heard == [stamped] and stamped.event.round == 2 and stamped.node == "node-a"
+    assert isinstance(stamped.time, float)
 
 
 def test_log_directory_is_created(tmp_path):
     path = tmp_path / "run" / "logs" / "events.jsonl"
-    EventLog(str(path), "node-a").emit("rendezvous", round=0)
+    logging_bus(path, "node-a").emit(Rendezvous(round=0))
 
     assert [r["event"] for r in read_events(str(path))] == ["rendezvous"]
 
 
 def test_read_events_skips_a_trailing_partial_line(tmp_path):
     path = tmp_path / "events.jsonl"
-    log = EventLog(str(path), "node-a")
-    log.emit("rendezvous", round=0)
-    log.emit("worker_failed", round=0, rank=1, exit_code=1, pid=42)
+    bus = logging_bus(path, "node-a")
+    bus.emit(Rendezvous(round=0))
+    bus.emit(WorkerFailed(round=0, rank=1, exit_code=1, pid=42, cause="exit"))
     with open(path, "a") as f:
         f.write('{"time": 1.0, "event": "job_fa')
 
@@ -69,6 +75,8 @@ def test_read_events_skips_a_trailing_partial_line(tmp_path):
 
 
 def test_read_events_rejects_a_file_that_is_not_an_event_log(tmp_path):
+    import pytest
+
     path = tmp_path / "notes.txt"
     path.write_text("hello\n")
 
@@ -77,9 +85,9 @@ def test_read_events_rejects_a_file_that_is_not_an_event_log(tmp_path):
 
 
 def _append_many(path, node):
-    log = EventLog(path, node)
+    bus = logging_bus(path, node)
     for seq in range(EVENTS_PER_WRITER):
-        log.emit("rescale", round=seq, seq=seq, padding=PADDING)
+        bus.emit(Rescale(round=seq, cause=PADDING))
 
 
 def test_concurrent_writers_produce_only_whole_lines(tmp_path):
@@ -98,7 +106,7 @@ def test_concurrent_writers_produce_only_whole_lines(tmp_path):
     records = [json.loads(line) for line in lines[:-1]]  # raises if any line was torn
     assert len(records) == WRITERS * EVENTS_PER_WRITER
     for i in range(WRITERS):
-        mine = [r["seq"] for r in records if r["node"] == f"node-{i}"]
+        mine = [r["round"] for r in records if r["node"] == f"node-{i}"]
         assert mine == list(range(EVENTS_PER_WRITER))
-    assert all(r["padding"] == PADDING for r in records)
+    assert all(r["cause"] == PADDING for r in records)
     assert read_events(path) == records
