@@ -64,6 +64,9 @@ def sync_worker(rank, port, out_dir, other_model_rank):
             return
         torch.save(dump(state), f"{out_dir}/rank{rank}.pt")
     finally:
+        # Every rank reaches here alive; leaving together keeps a rank from tearing down its
+        # gloo pairs while a peer still uses them (seen once under load: SIGABRT in teardown).
+        dist.barrier()
         dist.destroy_process_group()
 
 
