@@ -73,8 +73,10 @@ def make_job(tmp_path, etcd_endpoint, run_id):
 
 
 def seen(agent, text, since=0):
+    """Wait for `text` in the agent's output after position `since`; return the position just
+    after it (not the end of the output: what followed it may be what the caller waits for next)."""
     wait_for(lambda: text in agent.output()[since:], timeout=90, what=f"{text!r} from {agent.name}")
-    return len(agent.output())
+    return agent.output().index(text, since) + len(text)
 
 
 def reference_params(make_job):
