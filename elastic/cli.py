@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from elastic.flags import RDZV_CONF_KEYS, UsageError, build_parser
-from elastic.torchrun_compat import (IGNORED_CONF, TLS_CONF, CompatError, RendezvousPlan,
+from elastic.torchrun_compat import (IGNORED_CONF, SECURITY_CONF, CompatError, RendezvousPlan,
                                      console_quiet, ignored_note, parse_bool, rendezvous_plan,
                                      resolve_nproc)
 
@@ -44,6 +44,10 @@ class RunConfig:
     role: str = "default"
     console_quiet: Mapping[int, FrozenSet[str]] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()  # said once at start: what torchrun flags did and did not do
+    labels: Mapping[str, str] = field(default_factory=dict)
+    stay_as_spare: bool = False
+    retention_s: float = 86400.0
+    security: object = None  # rendezvous.connect.EtcdSecurity, or None
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -71,7 +75,7 @@ def parse_rdzv_conf(text: str) -> dict:
     for key, value in _conf_items(text):
         if key == "timeout":
             key = "join_timeout"
-        if key in IGNORED_CONF or key == "is_host":
+        if key in IGNORED_CONF or key in SECURITY_CONF or key == "is_host":
             continue
         try:
             conf[key] = RDZV_CONF_KEYS[key](value)
@@ -96,14 +100,52 @@ def torchrun_conf(text: str) -> Tuple[Optional[bool], Dict[str, str]]:
     return is_host, ignored
 
 
+def security_conf(text: str):
+    """How to reach etcd (TLS, user) from --rdzv-conf, or None for a plain connection.
+
+    Raises:
+        UsageError: an incomplete setting (e.g. cert= without key=, protocol=https without
+            cacert=), or a file that cannot be read.
+    """
+    from rendezvous.connect import EtcdSecurity
+
+    conf = dict(_conf_items(text))
+    protocol = conf.get("protocol", "").lower()
+    if protocol not in ("", "http", "https"):
+        raise UsageError(f"--rdzv-conf protocol={protocol!r}: use http or https")
+    if protocol == "https" and "cacert" not in conf:
+        raise UsageError("--rdzv-conf protocol=https needs cacert=FILE (the CA that signed "
+                         "etcd's certificate)")
+    try:
+        return EtcdSecurity.from_settings(ca_cert=conf.get("cacert"), cert=conf.get("cert"),
+                                          key=conf.get("key"), user=conf.get("user"))
+    except ValueError as exc:
+        raise UsageError(f"--rdzv-conf: {exc}") from None
+
+
+def parse_labels(items) -> Dict[str, str]:
+    """--node-label KEY=VALUE, repeated."""
+    labels = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--node-label {item!r}: expected KEY=VALUE, e.g. capacity-type=spot")
+        labels[key.strip()] = value.strip()
+    kind = labels.get("capacity-type")
+    if kind is not None and kind not in ("spot", "on-demand"):
+        raise UsageError(f"--node-label capacity-type={kind}: use spot or on-demand")
+    return labels
+
+
 def _conf_items(text: str):
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if key in TLS_CONF:
-            raise UsageError(f"--rdzv-conf {key}: TLS to etcd is not supported yet; reach etcd "
-                             "over a private network or an SSH tunnel")
-        known = key in RDZV_CONF_KEYS or key in IGNORED_CONF or key in ("timeout", "is_host")
+        if key == "password":
+            raise UsageError("--rdzv-conf password=: a password on the command line is visible to "
+                             "every user of the machine; set $ELASTIC_ETCD_PASSWORD instead")
+        known = (key in RDZV_CONF_KEYS or key in IGNORED_CONF or key in SECURITY_CONF
+                 or key in ("timeout", "is_host"))
         if not sep or not known:
             keys = ", ".join(sorted(RDZV_CONF_KEYS))
             raise UsageError(f"--rdzv-conf {item!r}: expected KEY=VALUE with KEY one of {keys}")
@@ -171,6 +213,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         raise UsageError(f"--rdzv-id {args.rdzv_id!r} must be non-empty and contain no '/'")
     if args.node_rank is not None and args.node_rank < 0:
         raise UsageError(f"--node-rank must not be negative, got {args.node_rank}")
+    if args.job_retention < 0:
+        raise UsageError(f"--job-retention must not be negative, got {args.job_retention}")
     if args.master_port is not None and not 0 < args.master_port < 65536:
         raise UsageError(f"--master-port {args.master_port} is not a port number")
     rdzv_conf = parse_rdzv_conf(args.rdzv_conf)
@@ -203,6 +247,8 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         master_port=None if plan.backend == "static" and plan.hosting else args.master_port,
         grace_period=grace, argv=_worker_argv(args), rendezvous=plan,
         node_rank=args.node_rank, role=args.role, console_quiet=quiet, notes=tuple(notes),
+        labels=parse_labels(args.node_label), stay_as_spare=args.stay_as_spare,
+        retention_s=args.job_retention, security=security_conf(args.rdzv_conf),
     )
 
 

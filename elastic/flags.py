@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "10), connect_timeout (s to reach etcd, default 5), blacklist_after (worker "
                         "failures of a node before it sits out, default 2; 0: never), "
                         "blacklist_cooldown (s it sits out the first time, doubling each time, "
-                        "default 60), blacklist_max_cooldown (cap, default 3600)")
+                        "default 60), blacklist_max_cooldown (cap, default 3600); a secured "
+                        "etcd: cacert, cert, key (files), user (password in "
+                        "$ELASTIC_ETCD_PASSWORD), protocol=https")
     p.add_argument("--standalone", action="store_true",
                    help="one-machine job on an embedded etcd (the default without --rdzv-endpoint)")
     p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
@@ -129,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradient-accumulation steps")
     p.add_argument("--lr-warmup-steps", type=int, default=0,
                    help="steps over which the learning-rate factor ramps after each change")
+    p.add_argument("--node-label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label of this node (repeatable); well-known: capacity-type=spot|"
+                        "on-demand (a resize down leaves spot nodes out first), zone=NAME")
+    p.add_argument("--stay-as-spare", action="store_true",
+                   help="when released (python -m elastic.job release), stay registered as a "
+                        "pre-warmed spare instead of exiting")
+    p.add_argument("--job-retention", type=float, default=86400.0, metavar="SECONDS",
+                   help="how long a finished job's records stay in etcd (default 86400: a day)")
     add_torchrun_flags(p)
     p.add_argument("-m", "--module", action="store_true",
                    help="run the script as a Python module, as python -m does")

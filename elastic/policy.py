@@ -229,6 +229,15 @@ class BatchPolicy(abc.ABC):
         """A fresh warm-up schedule with this policy's warm-up length."""
         return LrSchedule(self.warmup_steps)
 
+    def describe(self) -> Dict[str, object]:
+        """The policy as plain data (name and settings), e.g. for the job spec in etcd."""
+        out: Dict[str, object] = {"name": self.name}
+        for key in ("global_batch", "per_worker_batch", "reference_world", "max_micro_batch",
+                    "warmup_steps"):
+            if hasattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
 
 class FixedBatch(BatchPolicy):
     """"fixed": the global batch stays constant, so a run that changes size makes the same updates.

@@ -45,6 +45,7 @@ def run(config: RunConfig) -> int:
     from launcher.workers import WorkerSpec
     from rendezvous.api import RendezvousSettings
     from rendezvous.embedded import EmbeddedEtcd
+    from rendezvous import registry
     from rendezvous.hosting import linger_for_others, start_or_join
     from rendezvous.store import EtcdStore
 
@@ -56,7 +57,7 @@ def run(config: RunConfig) -> int:
     settings = RendezvousSettings(run_id=config.run_id, min_nodes=config.min_nodes,
                                   max_nodes=config.max_nodes, max_restarts=config.max_restarts,
                                   **conf)
-    embedded = store = agent = None
+    embedded = store = agent = recorded = None
     closers = []
     try:
         endpoint = config.endpoint
@@ -68,11 +69,14 @@ def run(config: RunConfig) -> int:
                 log.info("embedded etcd at %s; other nodes join with --rdzv-endpoint %s (the job "
                          "ends if this agent stops)", endpoint, endpoint)
         elif plan.hosting is not None:
-            embedded = start_or_join(*plan.endpoint, plan.hosting, connect_timeout)
+            embedded = start_or_join(*plan.endpoint, plan.hosting, connect_timeout,
+                                     security=config.security)
         host = config.local_addr or local_address(endpoint.rpartition(":")[0])
         if config.master_port is not None:
             _check_port_free(host, config.master_port)
-        store = EtcdStore(endpoint, config.run_id, timeout=connect_timeout)
+        store = EtcdStore(endpoint, config.run_id, timeout=connect_timeout,
+                          security=config.security)
+        recorded = registry.record(config.run_id, endpoint)  # for python -m elastic.job
         events = os.path.join(config.log_dir, "events.jsonl") if config.log_dir else None
         if config.log_dir:
             os.makedirs(config.log_dir, exist_ok=True)
@@ -87,7 +91,10 @@ def run(config: RunConfig) -> int:
                                          rescale_mode=config.rescale_mode,
                                          hang_timeout=config.hang_timeout,
                                          notices=config.notices,
-                                         rank_hint=config.node_rank, endpoint=endpoint),
+                                         rank_hint=config.node_rank, endpoint=endpoint,
+                                         labels=config.labels, agreed=agreed_settings(config),
+                                         retention_s=config.retention_s,
+                                         stay_as_spare=config.stay_as_spare),
                              store, backend, events_path=events)
         return agent.run()
     finally:
@@ -96,10 +103,18 @@ def run(config: RunConfig) -> int:
             linger_for_others(store, agent.node_id, settings.lease_ttl + 5.0)
         for close in closers:
             close()
+        registry.forget(recorded)
         if store is not None:
             store.close()
         if embedded is not None:
             embedded.stop()
+
+
+def agreed_settings(config: RunConfig) -> dict:
+    """What every node of a job must be started with alike (checked when an agent joins)."""
+    policy = config.batch_policy
+    return {"nproc_per_node": config.nproc, "backend": config.backend,
+            "batch_policy": policy.describe() if policy is not None else None}
 
 
 def worker_backend(config: RunConfig, store, host: str):
@@ -137,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # gRPC, so its fork handlers are not needed (and would log a warning on every fork).
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from launcher.workers import WorkerStartError
-    from rendezvous.api import RendezvousError
+    from rendezvous.api import JobMismatchError, RendezvousError
 
     logging.basicConfig(level=os.environ.get("ELASTIC_LOG_LEVEL", "INFO").upper(),
                         format="[elastic] %(message)s", stream=sys.stderr)
@@ -152,6 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(config)
     except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except JobMismatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except RendezvousError as exc:

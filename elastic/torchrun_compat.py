@@ -41,7 +41,9 @@ IGNORED_CONF = {
     "keep_alive_max_attempt": "nodes keep leases alive (lease_ttl)",
     "heartbeat": "nodes keep leases alive (lease_ttl)",
 }
-TLS_CONF = ("protocol", "cacert", "cert", "key")
+# Keys of --rdzv-conf that say how to reach a secured etcd (torchrun's etcd backend names the TLS
+# ones the same way); the password comes from $ELASTIC_ETCD_PASSWORD, never the command line.
+SECURITY_CONF = ("protocol", "cacert", "cert", "key", "user")
 
 
 class CompatError(ValueError):

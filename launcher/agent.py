@@ -17,18 +17,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Optional
 
 from elastic.policy import BatchPolicy
-from rendezvous.api import JobOutcome, RendezvousConnectionError, RendezvousSettings, RendezvousTimeoutError
+from rendezvous.api import (DEFAULT_RETENTION_S, JobOutcome, RendezvousConnectionError,
+                            RendezvousSettings, RendezvousTimeoutError)
 from rendezvous.membership import Membership, new_node_id
 from rendezvous.store import JobStore, Snapshot
 
 from . import decision as d
 from .backend import WorkerBackend
-from .events import (EtcdReconnected, EtcdUnreachable, EventBus, EventLogFile, JobFailed,
-                     JobFinished, Joined, NodeLeft, PreemptionNotice)
+from .events import (EtcdEventHistory, EtcdReconnected, EtcdUnreachable, EventBus, EventLogFile,
+                     JobFailed, JobFinished, Joined, NodeLeft, PreemptionNotice)
 from .health import HealthServer
 from .network import free_port, gloo_env, interface_warning
 from .peers import PeerMonitor
@@ -63,6 +64,10 @@ class AgentConfig:
     notices: Optional[NoticeConfig] = None  # preemption notice sources besides SIGTERM/SIGINT
     rank_hint: Optional[int] = None  # --node-rank: this node's place among nodes joining together
     endpoint: str = ""  # where the rendezvous is, for messages
+    labels: Mapping[str, str] = field(default_factory=dict)  # --node-label
+    agreed: Mapping[str, Any] = field(default_factory=dict)  # what every node of the job shares
+    retention_s: float = DEFAULT_RETENTION_S  # a finished job's keys are kept this long
+    stay_as_spare: bool = False  # released: stay registered as a spare instead of exiting
 
     def __post_init__(self) -> None:
         if self.rescale_mode not in RESCALE_MODES:
@@ -80,10 +85,13 @@ class ElasticAgent:
         self._health = HealthServer(config.host, self.node_id)
         self.membership = Membership(
             store, config.settings, host=config.host, nproc=config.workers.nproc,
-            health_addr=self._health.addr, node_id=self.node_id, rank_hint=config.rank_hint)
+            health_addr=self._health.addr, node_id=self.node_id, rank_hint=config.rank_hint,
+            labels=config.labels, agreed=config.agreed, retention_s=config.retention_s)
         self.events = EventBus(self.node_id)
         if events_path:
             self.events.subscribe(EventLogFile(events_path))
+        self._history = EtcdEventHistory(store, self.node_id)
+        self.events.subscribe(self._history)
         # gloo listens on, and tells peers, the interface of this node's address (`lo` for a
         # job on loopback), not the one the host name resolves to.
         spec = config.workers
@@ -95,7 +103,8 @@ class ElasticAgent:
         self.decisions = d.AgentSettings(
             node_id=self.node_id, rendezvous=config.settings, traits=self.backend.traits,
             rescale_mode=config.rescale_mode, endpoint=config.endpoint,
-            hang_timeout=config.hang_timeout, batch_policy=config.batch_policy)
+            hang_timeout=config.hang_timeout, batch_policy=config.batch_policy,
+            stay_as_spare=config.stay_as_spare)
         self.state = d.AgentState()
         self.peers = PeerMonitor(self.membership, config.probe_interval, self._wake.set)
         self._signal: Optional[int] = None
@@ -125,6 +134,7 @@ class ElasticAgent:
             self.notices.stop()
             self.peers.stop()
             self.backend.close()
+            self._history.close()
             self.membership.leave()
             self._health.close()
             for sig, handler in previous.items():
@@ -226,6 +236,15 @@ class ElasticAgent:
                 self.backend.push_round(action.assignment)
             elif isinstance(action, d.PushStandby):
                 self.backend.push_standby(action.round)
+            elif isinstance(action, d.PushLeave):
+                self.backend.push_leave(checkpoint=action.checkpoint)
+            elif isinstance(action, d.LeaveJob):
+                now = time.time()
+                grace = (self.config.notices or NoticeConfig()).default_grace
+                self._on_notice(Notice(source=action.source, detail=action.detail,
+                                       deadline=now + grace, received_at=now))
+            elif isinstance(action, d.ClearRelease):
+                self.store.clear_release(self.node_id)
             elif isinstance(action, d.SignalWorker):
                 self.backend.signal(action.pid, action.sig)
             elif isinstance(action, d.ReportFailure):
@@ -267,11 +286,16 @@ class ElasticAgent:
     # -- the end ---------------------------------------------------------------------------
     def _finish(self, outcome: JobOutcome) -> int:
         fields = d.round_fields(self.state.applied)
-        if outcome.status == "succeeded":
+        if outcome.status in ("succeeded", "stopped"):
             code = self._wait_for_workers(FINISH_GRACE_S)
-            self.events.emit(JobFinished(exit_code=code, cause="workers_succeeded", **fields))
-            log.info("job %s finished after %.1f s (this agent's exit code %d)",
-                     self.config.settings.run_id, time.time() - self._started_at, code)
+            if outcome.status == "stopped" and code == 1 and self.state.stopping == "draining":
+                code = 0  # stopped workers may exit as they like; the job ended as asked
+            cause = "workers_succeeded" if outcome.status == "succeeded" else "stopped"
+            self.events.emit(JobFinished(exit_code=code, cause=cause, **fields))
+            log.info("job %s %s after %.1f s (this agent's exit code %d)",
+                     self.config.settings.run_id,
+                     "finished" if outcome.status == "succeeded" else "stopped",
+                     time.time() - self._started_at, code)
             return code
         self._stop_workers()
         print(f"error: job failed: {outcome.reason}", file=sys.stderr, flush=True)
@@ -318,6 +342,11 @@ class ElasticAgent:
         self._stop_workers(sig=self._signal or signal.SIGTERM)
         self.events.emit(NodeLeft(cause=notice.source, outcome=outcome,
                                   grace_s=round(plan.grace_s, 3), **fields))
+        if notice.source == "released":
+            try:
+                self.store.clear_release(self.node_id)
+            except RendezvousConnectionError as exc:
+                log.info("could not remove this node's release record: %s", exc)
         print(f"agent {self.node_id} left the job ({notice.source}: {outcome})",
               file=sys.stderr, flush=True)
         return 128 + self._signal if self._signal else 0

@@ -6,6 +6,10 @@ time. `decide(view, state, settings)` returns the next `AgentState` and the acti
 order; the agent applies them and keeps the state. Tests step it with hand-made views.
 
 What it decides, in the order of a pass:
+- what controllers asked (the job client, through etcd): a stop (in-place workers commit at the
+  next boundary and node-local rank 0 checkpoints, others get SIGTERM; then the job ends as
+  stopped); this node's release (it leaves as on a preemption notice, or, with --stay-as-spare,
+  stays registered as a spare once the leader left it out);
 - what to tell the user while the node waits (`waiting_message`, every WAITING_REPORT_S);
 - what the workers said: a hello marks the job as in place (joining nodes pre-warm from then
   on); a failed collective is a departure when a peer is gone, otherwise this node's failure in
@@ -61,6 +65,7 @@ class AgentSettings:
     endpoint: str = ""
     hang_timeout: Optional[float] = None
     batch_policy: Optional[BatchPolicy] = None
+    stay_as_spare: bool = False  # a released node stays registered as a spare
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ class AgentState:
     every worker runs in it. rounds_started: rounds this node's workers ran in. api_unused: the
     workers ran HELLO_WAIT_S without saying hello (no more holds). hung: pid -> why it was
     killed as hung. kills: hung workers being killed. waiting_said: the last waiting message and
-    when it was said.
+    when it was said. stopping: "draining" once a stop was asked and our workers are ending,
+    "idle" when we had none. released: our release was acted on (we stay as a spare).
     """
 
     applied: Optional[Round] = None
@@ -93,6 +99,8 @@ class AgentState:
     hung: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
     kills: Tuple[HangKill, ...] = ()
     waiting_said: Tuple[Optional[str], float] = (None, 0.0)
+    stopping: str = ""  # a stop was asked: "draining" (our workers are ending) or "idle"
+    released: bool = False  # our release was acted on (we stay as a spare)
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,26 @@ class PushStandby:
 
 
 @dataclass(frozen=True)
+class PushLeave:
+    """In place: the workers finish at the next step boundary (checkpoint: local rank 0 saves)."""
+
+    checkpoint: bool
+
+
+@dataclass(frozen=True)
+class LeaveJob:
+    """This node leaves the job as on a preemption notice (source, detail)."""
+
+    source: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ClearRelease:
+    """Our release record has been acted on: remove it."""
+
+
+@dataclass(frozen=True)
 class SignalWorker:
     pid: int
     sig: int
@@ -177,7 +205,7 @@ class Finish:
 
 
 Action = Union[Emit, Say, MarkInPlace, ReportFailure, PublishMaster, StopWorkers, StartWorkers,
-               PushRound, PushStandby, SignalWorker, Finish]
+               PushRound, PushStandby, PushLeave, LeaveJob, ClearRelease, SignalWorker, Finish]
 
 
 @dataclass(frozen=True)
@@ -227,9 +255,9 @@ def waiting_message(snap: Snapshot, node_id: str, settings: RendezvousSettings,
     rnd = snap.round
     if snap.outcome is not None or (rnd is not None and rnd.active and node_id in rnd.node_ids):
         return None
-    spec = snap.spec or {}
-    low = spec.get("min_nodes", settings.min_nodes)
-    high = spec.get("max_nodes", settings.max_nodes)
+    spec = snap.spec
+    low = spec.min_nodes if spec else settings.min_nodes
+    high = spec.target if spec else settings.max_nodes
     where = f"job {settings.run_id!r} at etcd {endpoint}" if endpoint else f"job {settings.run_id!r}"
     present = len(snap.nodes)
     if present < low:
@@ -237,8 +265,8 @@ def waiting_message(snap: Snapshot, node_id: str, settings: RendezvousSettings,
                 f"the others with --rdzv-endpoint {endpoint} --rdzv-id {settings.run_id}"
                 if endpoint else f"waiting for nodes: {present} of the {low} needed ({where})")
     if rnd is not None and rnd.active and len(rnd.members) >= high:
-        return (f"waiting for room: the job runs at its maximum of {high} nodes ({where}); "
-                "this node joins when one leaves")
+        return (f"waiting as a spare: the job runs at its size of {high} nodes ({where}); "
+                "this node joins when one leaves or the job is resized up")
     return None
 
 
@@ -288,14 +316,56 @@ class _Pass:
 def decide(view: AgentView, state: AgentState, settings: AgentSettings) -> Step:
     """The actions of one pass and the state after them (module docstring)."""
     p = _Pass(view, state, settings)
+    if _follow_controls(p):
+        return p.step()
     _say_waiting(p)
     _read_messages(p)
+    if p.state.stopping:
+        _drain_for_stop(p)
+        return p.step()
     _follow_round(p)
     if p.again:
         return p.step()
     _watch_hangs(p)
     _check_workers(p)
     return p.step()
+
+
+def _follow_controls(p: _Pass) -> bool:
+    """A stop or a release written by a controller. True when the pass ends here (we leave)."""
+    snap, w = p.view.snapshot, p.workers
+    if snap.stop is not None and not p.state.stopping:
+        reason = f" ({snap.stop.reason})" if snap.stop.reason else ""
+        if w.state == "running":
+            p.update(stopping="draining")
+            if p.s.traits.in_place and w.capable:
+                p.do(Say(f"stop requested{reason}: the workers commit at the next step boundary "
+                         "and local rank 0 checkpoints"), PushLeave(checkpoint=True))
+            else:
+                p.do(Say(f"stop requested{reason}: stopping the workers"), StopWorkers(None))
+                p.workers = WorkerStatus()
+        else:
+            p.update(stopping="idle")
+    release = snap.released.get(p.s.node_id)
+    if release is None or p.state.released:
+        return False
+    if not p.s.stay_as_spare:
+        p.do(LeaveJob("released", release.reason))
+        return True
+    applied = p.state.applied
+    if applied is not None and p.s.node_id not in applied.node_ids:
+        # The leader left us out (our workers went to standby or were stopped): now a spare.
+        p.update(released=True)
+        p.do(ClearRelease(), Emit(NodeLeft(cause="released", outcome="spare",
+                                           **round_fields(applied))))
+    return False
+
+
+def _drain_for_stop(p: _Pass) -> None:
+    """Stopping: once our workers have ended, the job ends as stopped (whoever is first)."""
+    if p.state.stopping == "draining" and p.workers.state != "running":
+        p.do(Finish(JobOutcome(status="stopped", node_id=p.s.node_id, exit_code=0,
+                               reason=p.view.snapshot.stop.reason)))
 
 
 def _say_waiting(p: _Pass) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, List, Optional, Tuple
@@ -219,6 +221,55 @@ class EventLogFile:
                 written += os.write(fd, data[written:])
         finally:
             os.close(fd)
+
+
+class EtcdEventHistory:
+    """The listener that keeps this node's events in etcd (the job's bounded history, which
+    `status`, `events` and a dashboard read). Written in order on a thread of its own, so that
+    an etcd that is slow or gone never holds up the agent; such an etcd loses events (the file
+    log keeps them), never the job."""
+
+    QUEUE_SIZE = 1000
+
+    def __init__(self, store, node_id: str):
+        self._store, self._node_id = store, node_id
+        self._queue: "queue.Queue[Optional[Stamped]]" = queue.Queue(self.QUEUE_SIZE)
+        self._warned = False
+        self._thread = threading.Thread(target=self._write, name="event-history", daemon=True)
+        self._thread.start()
+
+    def __call__(self, stamped: Stamped) -> None:
+        try:
+            self._queue.put_nowait(stamped)
+        except queue.Full:
+            self._warn("too many events waiting for etcd")
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (for up to `timeout` seconds), then stop."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+    def _write(self) -> None:
+        seq = 0
+        while True:
+            stamped = self._queue.get()
+            if stamped is None:
+                return
+            record = json.dumps(stamped.to_dict(), default=str)
+            try:
+                self._store.put_event(self._node_id, seq, record)
+                seq += 1
+            except Exception as exc:  # noqa: BLE001 (etcd down: the file log still has it)
+                self._warn(str(exc))
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("could not keep an event in the job's history in etcd (%s); later ones "
+                        "may be missing from it too", why)
 
 
 def read_events(path: str) -> List[dict]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 
 class RendezvousError(Exception):
@@ -28,6 +28,10 @@ class RendezvousClosedError(RendezvousError):
 
 class RendezvousStateError(RendezvousError):
     """The state in etcd is not what this agent expected (for example a lost compare-and-swap)."""
+
+
+class JobMismatchError(RendezvousStateError):
+    """An agent was started with other job-wide settings than the job's first agent."""
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,98 @@ class NodeInfo:
     # --node-rank: nodes waiting for a round are ranked by it (lowest first), then by join order;
     # so in a job started with every node's rank, node rank 0 holds global rank 0, as in torchrun.
     rank_hint: Optional[int] = None
+    # --node-label key=value; well-known keys: capacity-type (spot | on-demand) and zone
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    @property
+    def spot(self) -> bool:
+        return self.labels.get(CAPACITY_TYPE) == "spot"
 
     def to_json(self) -> str:
         return _dumps(self)
 
     @classmethod
     def from_json(cls, text) -> "NodeInfo":
+        data = json.loads(text)
+        return cls(**{k: v for k, v in data.items() if k in _NODE_FIELDS})
+
+
+_NODE_FIELDS = {"node_id", "host", "nproc", "health_addr", "lease_id", "joined_at", "rank_hint",
+                "labels"}
+CAPACITY_TYPE, ZONE = "capacity-type", "zone"
+DEFAULT_RETENTION_S = 86400.0
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as its first agent created it, at spec; controllers change only `desired`.
+
+    desired: the size the job should have, within min..max (None: max, which is what a job does
+        when nobody resizes it). agreed: settings every agent of the job must share (workers per
+        node, backend, batch policy); an agent started with others is refused. retention_s: how
+        long the job's keys are kept once it ended.
+    """
+
+    min_nodes: int
+    max_nodes: int
+    created_at: float
+    desired: Optional[int] = None
+    agreed: Mapping[str, Any] = field(default_factory=dict)
+    retention_s: float = DEFAULT_RETENTION_S
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "agreed", dict(self.agreed))
+        if self.desired is not None and not self.min_nodes <= self.desired <= self.max_nodes:
+            raise ValueError(f"desired size {self.desired} is outside {self.min_nodes}.."
+                             f"{self.max_nodes}")
+
+    @property
+    def target(self) -> int:
+        """The size the leader aims for: desired, or max."""
+        return self.max_nodes if self.desired is None else self.desired
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "JobSpec":
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Release:
+    """A controller's request that a node leave the job (release/<node_id>)."""
+
+    reason: str = ""
+    time: float = 0.0
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "Release":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """A controller's request that the job stop: commit, checkpoint, end (stop)."""
+
+    reason: str = ""
+    time: float = 0.0
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+    @classmethod
+    def from_json(cls, text) -> "StopRequest":
         return cls(**json.loads(text))
 
 
@@ -198,11 +288,12 @@ class Round:
 class JobOutcome:
     """The terminal state, written once at `state`; no round follows it."""
 
-    status: str  # "succeeded" or "failed"
+    status: str  # "succeeded", "failed" or "stopped"
     reason: str = ""
     node_id: str = ""
     exit_code: int = 0
     details: dict = field(default_factory=dict)
+    time: float = 0.0  # when it was written
 
     def to_json(self) -> str:
         return _dumps(self)

@@ -5,7 +5,9 @@ This is the one place where the etcd client library's connection errors become
 """
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import grpc
@@ -13,6 +15,52 @@ import pyetcd
 import pyetcd.exceptions
 
 from rendezvous.api import RendezvousConnectionError
+
+ENV_PASSWORD = "ELASTIC_ETCD_PASSWORD"
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: TLS (ca_cert to check the server; cert and key when etcd
+    asks clients for certificates) and etcd's own users (user and password).
+
+    Raises:
+        ValueError: an incomplete or unreadable setting; the message names it.
+    """
+
+    ca_cert: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    user: Optional[str] = None
+    password: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert= and key=")
+        if self.cert is not None and self.ca_cert is None:
+            raise ValueError("a client certificate needs the CA that signed the server's: cacert=")
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name.replace('_', '')}={path}: no readable file there")
+        if (self.user is None) != (self.password is None):
+            raise ValueError(f"etcd user {self.user!r} needs a password: set ${ENV_PASSWORD}"
+                             if self.user else "a password needs a user: user=NAME")
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_cert is not None
+
+    @classmethod
+    def from_settings(cls, ca_cert=None, cert=None, key=None, user=None,
+                      password=None) -> Optional["EtcdSecurity"]:
+        """The security these settings ask for, or None for none; the password defaults to
+        $ELASTIC_ETCD_PASSWORD when a user is given."""
+        if user is not None and password is None:
+            password = os.environ.get(ENV_PASSWORD)
+        if all(v is None for v in (ca_cert, cert, key, user, password)):
+            return None
+        return cls(ca_cert, cert, key, user, password)
 
 DEFAULT_PORT = 2379
 _SCHEMES = ("etcd://", "http://")
@@ -76,47 +124,83 @@ def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connect(endpoint: str, timeout: float = 5.0):
+def connect(endpoint: str, timeout: float = 5.0, security: Optional[EtcdSecurity] = None):
     """A pyetcd client for `endpoint` whose status() has answered and named a leader.
 
     Attempts are repeated until `timeout` seconds have passed, so an etcd that is still
     starting is waited for; the returned client uses `timeout` as its per-call RPC timeout.
+    Refused credentials are not retried.
 
     Raises:
         ValueError: the endpoint text is malformed, or timeout is not positive.
-        RendezvousConnectionError: no etcd with a leader answered at the endpoint in time.
+        RendezvousConnectionError: no etcd with a leader answered at the endpoint in time, or
+            it refused the credentials (the message says which).
     """
     if timeout <= 0:
         raise ValueError(f"connect timeout must be positive, got {timeout}")
     host, port = parse_endpoint(endpoint)
+    where = format_endpoint(host, port)
+    sec = security or EtcdSecurity()
     deadline = _clock() + timeout
     while True:
         remaining = deadline - _clock()
-        client = pyetcd.client(host=host, port=port, timeout=timeout, grpc_options=_GRPC_OPTIONS)
         try:
-            reason, cause = _check(client, max(0.05, min(timeout, remaining)), timeout)
-        except BaseException:
-            client.close()
-            raise
+            client = pyetcd.client(host=host, port=port, timeout=timeout,
+                                   grpc_options=_GRPC_OPTIONS, ca_cert=sec.ca_cert,
+                                   cert_key=sec.key, cert_cert=sec.cert, user=sec.user,
+                                   password=sec.password)
+        except (pyetcd.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+            client, reason, cause = None, _describe(exc, timeout), exc
+        else:
+            try:
+                reason, cause = _check(client, max(0.05, min(timeout, remaining)), timeout)
+            except BaseException:
+                client.close()
+                raise
         if reason is None:
             _never_shelve(client)
             return client
-        client.close()
+        if client is not None:
+            client.close()
+        if reason in (AUTH_REFUSED, NO_CREDENTIALS):
+            raise RendezvousConnectionError(f"etcd at {where} {reason}") from cause
         if _clock() + CONNECT_RETRY_INTERVAL >= deadline:
             raise RendezvousConnectionError(
-                f"etcd at {format_endpoint(host, port)} is unreachable ({reason}); start one with "
+                f"etcd at {where} is unreachable ({reason}); start one with "
                 "`python -m rendezvous` or leave out --rdzv-endpoint to use the embedded one"
             ) from cause
         time.sleep(CONNECT_RETRY_INTERVAL)
 
 
-def wait_for_etcd(endpoint: str, timeout: float) -> None:
+def renew_token(client, security: Optional[EtcdSecurity]) -> bool:
+    """Log in again with the client's user (etcd's tokens expire); False without a user."""
+    if security is None or security.user is None:
+        return False
+    from pyetcd import etcdrpc
+
+    response = client.authstub.Authenticate(
+        etcdrpc.AuthenticateRequest(name=security.user, password=security.password),
+        client.timeout)
+    client.metadata = (("token", response.token),)
+    return True
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """An error that says the client's token is missing, invalid or expired."""
+    text = str(exc).lower()
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    code = rpc.code() if isinstance(rpc, grpc.RpcError) and hasattr(rpc, "code") else None
+    return code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in text \
+        or "user name is empty" in text
+
+
+def wait_for_etcd(endpoint: str, timeout: float, security: Optional[EtcdSecurity] = None) -> None:
     """Return once an etcd with a leader answers at `endpoint`.
 
     Raises:
         RendezvousConnectionError: none did within `timeout` seconds.
     """
-    connect(endpoint, timeout=timeout).close()
+    connect(endpoint, timeout=timeout, security=security).close()
 
 
 def _check(client, rpc_timeout: float, patience: float) -> Tuple[Optional[str], Optional[BaseException]]:
@@ -124,6 +208,9 @@ def _check(client, rpc_timeout: float, patience: float) -> Tuple[Optional[str], 
     call_timeout, client.timeout = client.timeout, rpc_timeout
     try:
         status = client.status()
+        if status.leader is not None:
+            # status() needs no credentials; a read does, so a refusal is said here, at once.
+            client.get(PROBE_KEY)
     except (pyetcd.exceptions.Etcd3Exception, grpc.RpcError, ValueError) as exc:
         return _describe(exc, patience), exc
     finally:
@@ -133,11 +220,26 @@ def _check(client, rpc_timeout: float, patience: float) -> Tuple[Optional[str], 
     return None, None
 
 
+PROBE_KEY = "/elastic/"
+
+
+AUTH_REFUSED = ("refused the user name or password (check user= and $ELASTIC_ETCD_PASSWORD, "
+                "or the user's roles)")
+NO_CREDENTIALS = ("requires a user name and password: pass user= (in --rdzv-conf, or --user) "
+                  "and set $ELASTIC_ETCD_PASSWORD")
+
+
 def _describe(exc: BaseException, patience: float) -> str:
     rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
     if not isinstance(rpc, grpc.RpcError) or not hasattr(rpc, "code"):
         return str(exc) or type(exc).__name__
     code, details = rpc.code(), rpc.details() or ""
+    if "authentication failed" in details or "invalid auth" in details:
+        return AUTH_REFUSED
+    if "user name is empty" in details or code == grpc.StatusCode.UNAUTHENTICATED:
+        return NO_CREDENTIALS
+    if "ssl" in details.lower() or "handshake" in details.lower() or "certificate" in details.lower():
+        return f"TLS failed: {details.splitlines()[0][:160]} (check cacert=, cert=, key=)"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED or "timed out" in details:
         return f"no answer within {patience:g}s; is it etcd?"
     if "Connection refused" in details:

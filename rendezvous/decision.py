@@ -17,6 +17,15 @@ default 0, the first failure ends the job).
   dead node's peers fail in collectives.
 - restart_count lives in the Round, so a new leader continues the count; it is never reset.
 
+Controllers (the job client) change a job through etcd, and the leader follows:
+- desired size (spec.desired, within min..max; max when unset): rounds grow only up to it; when
+  the members are more, the leader leaves out the ones `choose_leavers` picks (never the node
+  holding rank 0, spot nodes before on-demand ones, the newest first). Those stay registered as
+  spares and come back when the desired size rises.
+- released nodes (release/<node_id>) are never admitted; a member that is released departs, and
+  the round after it has cause "released" (the node's agent leaves, or stays as a spare).
+- a stop request: no round is published any more (the agents are ending the job).
+
 Blacklisting (`rendezvous.blacklist`) hangs off the same failures: each re-formed round gives a
 strike to the node with the earliest report; every blacklist_after strikes cool it down, and a
 cooling-down node is left out of rounds. Min nodes come first: a node is not cooled down when
@@ -28,7 +37,7 @@ first are admitted early. Either way the node is named in `Publish.kept`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
 from . import blacklist
 from .api import JobOutcome, Member, NodeInfo, RendezvousSettings, Round
@@ -62,6 +71,9 @@ class View:
     round: Optional[Round] = None
     failures: Sequence[FailureReport] = ()
     outcome: Optional[JobOutcome] = None
+    desired: Optional[int] = None  # the job's desired size (None: max)
+    released: FrozenSet[str] = frozenset()
+    stopping: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,8 @@ class Publish:
     joined: Tuple[str, ...] = ()
     excluded: Tuple[str, ...] = ()
     kept: Tuple[str, ...] = ()
+    released: Tuple[str, ...] = ()  # departed because a controller released them
+    resized: Tuple[str, ...] = ()   # left out to meet the desired size (now spares)
 
 
 @dataclass(frozen=True)
@@ -105,8 +119,10 @@ def _since(view: View, nid: str) -> float:
 
 
 def _newcomers(view: View, current: Sequence[str], cooling: Mapping[str, float]) -> list:
-    """Waiting nodes in the order they get ranks: by --node-rank where given, then join order."""
-    waiting = [nid for nid in view.nodes if nid not in current and nid not in cooling]
+    """Waiting nodes in the order they get ranks: by --node-rank where given, then join order
+    (released nodes and nodes cooling down wait out)."""
+    waiting = [nid for nid in view.nodes if nid not in current and nid not in cooling
+               and nid not in view.released]
 
     def order(nid):
         hint = view.nodes[nid].rank_hint
@@ -143,26 +159,44 @@ def _next_round(view, members, *, active=True, cause, restart_count=None,
     )
 
 
+def choose_leavers(members: Sequence[Member], nodes: Mapping[str, NodeInfo],
+                   first_seen: Mapping[str, float], count: int) -> Tuple[str, ...]:
+    """Which `count` members leave to shrink the round: never the first (it holds rank 0, and
+    the state lives there), spot nodes before on-demand ones, the newest first."""
+    def order(m: Member):
+        info = nodes.get(m.node_id)
+        return (not (info is not None and info.spot), -first_seen.get(m.node_id, 0.0), m.node_id)
+    return tuple(m.node_id for m in sorted(members[1:], key=order)[:max(count, 0)])
+
+
+def _target(view: View, settings: RendezvousSettings) -> int:
+    if view.desired is None:
+        return settings.max_nodes
+    return max(settings.min_nodes, min(settings.max_nodes, view.desired))
+
+
 def decide(view: View, settings: RendezvousSettings) -> Decision:
     """Return the next step for the job seen in `view`."""
-    if view.outcome is not None:
+    if view.outcome is not None or view.stopping:
         return Wait()
     current = view.round
     # Only live nodes outside the round can be left out of the next one.
     members = current.node_ids if current else ()
     cooling = blacklist.cooling_down(_blacklist(view), view.now)
     cooling = {nid: until for nid, until in cooling.items()
-               if nid in view.nodes and nid not in members}
+               if nid in view.nodes and nid not in members and nid not in view.released}
+    target = _target(view, settings)
     if current is None or not current.active:
-        return _decide_waiting(view, settings, cooling)
-    return _decide_running(view, settings, current, cooling)
+        return _decide_waiting(view, settings, cooling, target)
+    return _decide_running(view, settings, current, cooling, target)
 
 
 def _decide_waiting(view: View, settings: RendezvousSettings,
-                    cooling: Dict[str, float]) -> Decision:
+                    cooling: Dict[str, float], target: int) -> Decision:
     """No workers run: start once enough nodes are here, or fail after join_timeout."""
     current = view.round
-    survivors = [m for m in (current.members if current else ()) if m.node_id in view.nodes]
+    survivors = [m for m in (current.members if current else ())
+                 if m.node_id in view.nodes and m.node_id not in view.released]
     newcomers = _newcomers(view, [m.node_id for m in survivors], cooling)
     kept = _keep_for_min(cooling, settings.min_nodes - len(survivors) - len(newcomers))
     newcomers += kept
@@ -182,7 +216,7 @@ def _decide_waiting(view: View, settings: RendezvousSettings,
             ))
         return _wake(deadline, cooling)
     cause = "start" if current is None else "node_joined"
-    if count < settings.max_nodes:
+    if count < target:
         # Last call: wait a little after min is reached for more nodes, so that nodes started
         # together form one round instead of a string of rescales.
         seen = sorted(_since(view, m.node_id) for m in candidates)
@@ -190,7 +224,7 @@ def _decide_waiting(view: View, settings: RendezvousSettings,
         ready_at = max(seen[settings.min_nodes - 1], waiting_since) + window
         if view.now < ready_at:
             return _wake(ready_at, cooling, kept)
-    members = candidates[: settings.max_nodes]
+    members = candidates[:target]
     return Publish(
         _next_round(view, members, cause=cause,
                     records=blacklist.cut_short(_blacklist(view), kept, view.now)),
@@ -200,24 +234,33 @@ def _decide_waiting(view: View, settings: RendezvousSettings,
 
 
 def _decide_running(view: View, settings: RendezvousSettings, current: Round,
-                    cooling: Dict[str, float]) -> Decision:
-    survivors = [m for m in current.members if m.node_id in view.nodes]
-    departed = tuple(m.node_id for m in current.members if m.node_id not in view.nodes)
+                    cooling: Dict[str, float], target: int) -> Decision:
+    survivors = [m for m in current.members
+                 if m.node_id in view.nodes and m.node_id not in view.released]
+    gone = tuple(m.node_id for m in current.members if m.node_id not in view.nodes)
+    released = tuple(m.node_id for m in current.members
+                     if m.node_id in view.nodes and m.node_id in view.released)
+    departed = gone + released
     newcomers = _newcomers(view, current.node_ids, cooling)
-    room = settings.max_nodes - len(survivors)
+    room = target - len(survivors)
     if departed:
         joined = newcomers[: max(room, 0)]
         kept = _keep_for_min(cooling, settings.min_nodes - len(survivors) - len(joined))
         joined = tuple(joined + kept)
         members = survivors + [_member(view.nodes[nid]) for nid in joined]
         records = blacklist.cut_short(_blacklist(view), kept, view.now)
+        cause = "node_left" if gone else "released"
         if len(members) < settings.min_nodes:  # then nobody was kept: it would not help
-            return Publish(_next_round(view, members, active=False, cause="node_left"),
-                           departed=departed)
-        return Publish(_next_round(view, members, cause="node_left", records=records),
-                       departed=departed, joined=joined, kept=tuple(kept))
+            return Publish(_next_round(view, members, active=False, cause=cause),
+                           departed=departed, released=released)
+        return Publish(_next_round(view, members, cause=cause, records=records),
+                       departed=departed, joined=joined, kept=tuple(kept), released=released)
     if view.failures:
         return _decide_failure(view, settings, current, survivors, newcomers)
+    if len(survivors) > target:
+        leavers = choose_leavers(survivors, view.nodes, view.first_seen, len(survivors) - target)
+        members = [m for m in survivors if m.node_id not in leavers]
+        return Publish(_next_round(view, members, cause="resized"), resized=leavers)
     if newcomers and room > 0:
         first_join = min(_since(view, nid) for nid in newcomers)
         if view.now < first_join + settings.join_settle:
@@ -259,7 +302,7 @@ def _decide_failure(view: View, settings: RendezvousSettings, current: Round,
             newcomers = [nid for nid in newcomers if nid != culprit]
         else:
             kept = (culprit,)
-    joined = tuple(newcomers[: max(settings.max_nodes - len(survivors), 0)])
+    joined = tuple(newcomers[: max(_target(view, settings) - len(survivors), 0)])
     members = survivors + [_member(view.nodes[nid]) for nid in joined]
     return Publish(
         _next_round(view, members, cause="worker_failed", cause_time=first.time,

@@ -16,7 +16,7 @@ from typing import Optional, Set
 import psutil
 
 from .api import RendezvousConnectionError
-from .connect import format_endpoint, wait_for_etcd
+from .connect import EtcdSecurity, format_endpoint, wait_for_etcd
 from .embedded import EmbeddedEtcd
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def _bind_address(host: str) -> str:
     return "0.0.0.0"
 
 
-def start_or_join(host: str, port: int, hosting: str, connect_timeout: float
-                  ) -> Optional[EmbeddedEtcd]:
+def start_or_join(host: str, port: int, hosting: str, connect_timeout: float,
+                  security: Optional[EtcdSecurity] = None) -> Optional[EmbeddedEtcd]:
     """Make sure an etcd serves host:port; return the one this process started, if any.
 
     hosting "host": start it here unless one already answers; "join": wait for the host;
@@ -72,10 +72,10 @@ def start_or_join(host: str, port: int, hosting: str, connect_timeout: float
     """
     endpoint = format_endpoint(host, port)
     if hosting == "join" or (hosting == "auto" and not is_local(host)):
-        _wait_for_host(endpoint, connect_timeout)
+        _wait_for_host(endpoint, connect_timeout, security)
         return None
     try:
-        wait_for_etcd(endpoint, PROBE_TIMEOUT_S)
+        wait_for_etcd(endpoint, PROBE_TIMEOUT_S, security)
         return None  # another agent on this machine hosts it already
     except RendezvousConnectionError:
         pass
@@ -85,7 +85,7 @@ def start_or_join(host: str, port: int, hosting: str, connect_timeout: float
     except RendezvousConnectionError:
         # Taken between our probe and the bind: by another agent hosting it, or by something
         # else, which the wait below reports.
-        _wait_for_host(endpoint, connect_timeout)
+        _wait_for_host(endpoint, connect_timeout, security)
         return None
     log.info("this node hosts the job's rendezvous (etcd) at %s; the job cannot go on without "
              "this node (for a rendezvous that outlives every node, run `python -m rendezvous` "
@@ -93,10 +93,11 @@ def start_or_join(host: str, port: int, hosting: str, connect_timeout: float
     return etcd
 
 
-def _wait_for_host(endpoint: str, timeout: float) -> None:
+def _wait_for_host(endpoint: str, timeout: float,
+                   security: Optional[EtcdSecurity] = None) -> None:
     log.info("waiting up to %.0f s for the node hosting the rendezvous at %s", timeout, endpoint)
     try:
-        wait_for_etcd(endpoint, timeout)
+        wait_for_etcd(endpoint, timeout, security)
     except RendezvousConnectionError as exc:
         raise RendezvousConnectionError(
             f"no rendezvous answered at {endpoint} within {timeout:g} s: start the node that "

@@ -12,10 +12,11 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Mapping, Optional
 
-from .api import JobOutcome, NodeInfo, RendezvousConnectionError, RendezvousSettings
+from .api import (DEFAULT_RETENTION_S, JobMismatchError, JobOutcome, JobSpec, NodeInfo,
+                  RendezvousConnectionError, RendezvousSettings)
 from .decision import Fail, FailureReport, Publish, View, decide
 from .store import EtcdStore, Snapshot
 
@@ -40,31 +41,47 @@ class LeaderAction:
 class Membership:
     def __init__(self, store: EtcdStore, settings: RendezvousSettings, *, host: str, nproc: int,
                  health_addr: str, node_id: Optional[str] = None,
-                 clock: Callable[[], float] = time.time, rank_hint: Optional[int] = None):
+                 clock: Callable[[], float] = time.time, rank_hint: Optional[int] = None,
+                 labels: Optional[Mapping[str, str]] = None,
+                 agreed: Optional[Mapping[str, Any]] = None,
+                 retention_s: float = DEFAULT_RETENTION_S):
         self.store = store
         self.settings = settings
         self.node_id = node_id or new_node_id()
         self._host, self._nproc, self._health_addr = host, nproc, health_addr
         self._rank_hint = rank_hint
+        self._labels = dict(labels or {})
+        self._agreed = dict(agreed or {})
+        self._retention_s = retention_s
         self._clock = clock
         self._lease_id: Optional[int] = None
         self._first_seen: Dict[str, float] = {}
         self._stop = threading.Event()
         self._keepalive: Optional[threading.Thread] = None
-        self.spec: dict = {}
+        self.spec: Optional[JobSpec] = None
 
     # -- joining and leaving -------------------------------------------------------------
     def join(self) -> None:
+        """Register this node in its job, creating the job if it is new.
+
+        Raises:
+            JobMismatchError: the job runs with other job-wide settings (`agreed`) than ours.
+        """
         snap = self.store.snapshot()
         if snap.spec is not None and not snap.nodes:
             # No live node holds this run id: whatever is stored is a finished or abandoned job.
             # Reusing the id starts a new job, as with torchrun.
             self.store.delete_job()
-        self.spec = self.store.ensure_spec({
-            "min_nodes": self.settings.min_nodes,
-            "max_nodes": self.settings.max_nodes,
-            "created_at": self._clock(),
-        })
+        self.spec = self.store.ensure_spec(JobSpec(
+            min_nodes=self.settings.min_nodes, max_nodes=self.settings.max_nodes,
+            created_at=self._clock(), agreed=self._agreed, retention_s=self._retention_s))
+        differences = [f"{key}={self.spec.agreed[key]!r} (this agent: {mine!r})"
+                       for key, mine in self._agreed.items()
+                       if key in self.spec.agreed and self.spec.agreed[key] != mine]
+        if differences:
+            raise JobMismatchError(
+                f"job {self.settings.run_id!r} runs with {'; '.join(differences)}; start every "
+                "node of a job with the same flags")
         self._register()
         self._keepalive = threading.Thread(target=self._keep_alive, name="lease-keepalive",
                                            daemon=True)
@@ -79,7 +96,7 @@ class Membership:
         return NodeInfo(
             node_id=self.node_id, host=self._host, nproc=self._nproc,
             health_addr=self._health_addr, lease_id=self._lease_id, joined_at=self._joined_at,
-            rank_hint=self._rank_hint,
+            rank_hint=self._rank_hint, labels=self._labels,
         )
 
     def _keep_alive(self) -> None:
@@ -137,13 +154,14 @@ class Membership:
         spec = snap.spec or self.spec
         settings = self.settings
         if spec:
-            settings = type(settings)(**{**settings.__dict__, "min_nodes": spec["min_nodes"],
-                                         "max_nodes": spec["max_nodes"]})
+            settings = type(settings)(**{**settings.__dict__, "min_nodes": spec.min_nodes,
+                                         "max_nodes": spec.max_nodes})
         view = View(
             now=now, nodes=snap.nodes, first_seen=dict(self._first_seen),
-            created_at=(spec or {}).get("created_at", now), round=snap.round,
+            created_at=spec.created_at if spec else now, round=snap.round,
             failures=snap.failures_for(snap.round.number) if snap.round else (),
-            outcome=snap.outcome,
+            outcome=snap.outcome, desired=spec.desired if spec else None,
+            released=frozenset(snap.released), stopping=snap.stop is not None,
         )
         decision = decide(view, settings)
         if isinstance(decision, Publish):
@@ -162,6 +180,8 @@ class Membership:
         self.store.report_failure(number, report)
 
     def finish(self, outcome: JobOutcome) -> JobOutcome:
+        if not outcome.time:
+            outcome = replace(outcome, time=self._clock())
         return self.store.set_outcome(outcome)
 
     def publish_master(self, number: int, addr: str) -> None:

@@ -1,7 +1,7 @@
 """The etcd v3 adapter: one job's keys under /elastic/<run_id>/, read and written atomically.
 
 Layout (all values JSON unless noted):
-    spec                 {"min_nodes", "max_nodes", "created_at"}, written once by the first agent
+    spec                 JobSpec, written by the first agent; controllers change only `desired`
     nodes/<node_id>      NodeInfo, bound to the node's lease
     leader               node id (text), bound to the leader's lease
     round                the current Round, only ever replaced by the leader with a compare-and-swap
@@ -9,8 +9,13 @@ Layout (all values JSON unless noted):
     failures/<round>/<node_id>   FailureReport of a node whose workers failed in that round
     state                JobOutcome, written once when the job ends
     inplace              "1" once some node's workers use the in-place API (newcomers pre-warm)
+    release/<node_id>    Release: a controller asked this node to leave
+    stop                 StopRequest: a controller asked the job to stop
     ext/<name>/...       keys of an extension (integrations.horovod keeps its gloo rendezvous
                          there); never read by snapshot(), never waking watch()
+
+The job's event history is kept beside, at /elastic-events/<run_id>/<node_id>/<seq> (the last
+EVENTS_KEPT of every node), so that reading the job does not read its history.
 
 `JobStore` is what the agent and membership need; `EtcdStore` implements it (contract tests
 against a real etcd in tests/integration/test_store.py). Every client-library error becomes a
@@ -21,14 +26,17 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
-from .api import JobOutcome, NodeInfo, RendezvousConnectionError, Round
-from .connect import connect
+from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousConnectionError, Round,
+                  StopRequest)
+from .connect import EtcdSecurity, connect
 from .decision import FailureReport
 
 PREFIX = "/elastic"
+EVENTS_PREFIX = "/elastic-events"
+EVENTS_KEPT = 200  # per node
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,11 @@ class Snapshot:
     masters: Dict[int, str]
     failures: Dict[int, Tuple[FailureReport, ...]]
     outcome: Optional[JobOutcome]
-    spec: Optional[dict]
+    spec: Optional[JobSpec]
     in_place: bool = False
+    spec_revision: int = 0
+    released: Dict[str, Release] = field(default_factory=dict)
+    stop: Optional[StopRequest] = None
 
     def failures_for(self, number: int) -> Tuple[FailureReport, ...]:
         return self.failures.get(number, ())
@@ -59,7 +70,7 @@ class JobStore(Protocol):
     def grant_lease(self, ttl: float) -> int: ...
     def refresh_lease(self, lease_id: int) -> bool: ...
     def revoke_lease(self, lease_id: int) -> None: ...
-    def ensure_spec(self, spec: dict) -> dict: ...
+    def ensure_spec(self, spec: JobSpec) -> JobSpec: ...
     def register(self, node: NodeInfo) -> None: ...
     def campaign(self, node_id: str, lease_id: int) -> bool: ...
     def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool: ...
@@ -67,6 +78,8 @@ class JobStore(Protocol):
     def report_failure(self, number: int, report: FailureReport) -> None: ...
     def set_outcome(self, outcome: JobOutcome) -> JobOutcome: ...
     def mark_in_place(self) -> None: ...
+    def clear_release(self, node_id: str) -> None: ...
+    def put_event(self, node_id: str, seq: int, record: str) -> None: ...
     def delete_job(self) -> None: ...
     def snapshot(self) -> Snapshot: ...
     def watch(self, callback: Callable[[], None]) -> None: ...
@@ -93,11 +106,13 @@ def _converted(method):
 class EtcdStore:
     """One job's view of etcd. Thread-safe: the underlying gRPC channel is."""
 
-    def __init__(self, endpoint: str, run_id: str, timeout: float = 5.0):
+    def __init__(self, endpoint: str, run_id: str, timeout: float = 5.0,
+                 security: Optional[EtcdSecurity] = None):
         self.endpoint = endpoint
         self.run_id = run_id
         self._root = f"{PREFIX}/{run_id}/"
-        self._client = connect(endpoint, timeout=timeout)
+        self._events = f"{EVENTS_PREFIX}/{run_id}/"
+        self._client = connect(endpoint, timeout=timeout, security=security)
         self._watch_id = None
         self._lock = threading.Lock()
 
@@ -125,11 +140,56 @@ class EtcdStore:
 
     # -- writes --------------------------------------------------------------------------
     @_converted
-    def ensure_spec(self, spec: dict) -> dict:
+    def ensure_spec(self, spec: JobSpec) -> JobSpec:
         """Write the job spec unless one exists; return the spec in force."""
-        self._client.put_if_not_exists(self._key("spec"), json.dumps(spec))
+        self._client.put_if_not_exists(self._key("spec"), spec.to_json())
         value, _ = self._client.get(self._key("spec"))
-        return json.loads(value)
+        return JobSpec.from_json(value)
+
+    @_converted
+    def change_spec(self, spec: JobSpec, expected_revision: int,
+                    releases: Dict[str, Release] = None) -> bool:
+        """Replace the spec (and write release records) only if nobody changed it since it was
+        read at expected_revision and the job has not ended."""
+        tx = self._client.transactions
+        puts = [tx.put(self._key("spec"), spec.to_json())]
+        puts += [tx.put(self._key("release", nid), r.to_json())
+                 for nid, r in (releases or {}).items()]
+        ok, _ = self._client.transaction(
+            compare=[tx.mod(self._key("spec")) == expected_revision,
+                     tx.create(self._key("state")) == 0],
+            success=puts, failure=[])
+        return ok
+
+    @_converted
+    def request_stop(self, request: StopRequest) -> bool:
+        """Ask the job to stop, once, unless it ended; True if this call made the request."""
+        tx = self._client.transactions
+        ok, _ = self._client.transaction(
+            compare=[tx.create(self._key("stop")) == 0, tx.create(self._key("state")) == 0,
+                     tx.create(self._key("spec")) != 0],
+            success=[tx.put(self._key("stop"), request.to_json())], failure=[])
+        return ok
+
+    @_converted
+    def clear_release(self, node_id: str) -> None:
+        self._client.delete(self._key("release", node_id))
+
+    # -- the event history --------------------------------------------------------------
+    @_converted
+    def put_event(self, node_id: str, seq: int, record: str) -> None:
+        """Keep one of this node's events; its oldest beyond EVENTS_KEPT goes."""
+        tx = self._client.transactions
+        ops = [tx.put(f"{self._events}{node_id}/{seq:012d}", record)]
+        if seq >= EVENTS_KEPT:
+            ops.append(tx.delete(f"{self._events}{node_id}/{seq - EVENTS_KEPT:012d}"))
+        self._client.transaction(compare=[], success=ops, failure=[])
+
+    @_converted
+    def events(self) -> List[dict]:
+        """The job's kept events, every node's, oldest first."""
+        records = [json.loads(value) for value, _ in self._client.get_prefix(self._events)]
+        return sorted(records, key=lambda r: (r.get("time", 0.0), r.get("node", "")))
 
     @_converted
     def register(self, node: NodeInfo) -> None:
@@ -185,6 +245,7 @@ class EtcdStore:
     @_converted
     def delete_job(self) -> None:
         self._client.delete_prefix(self._root)
+        self._client.delete_prefix(self._events)
 
     # -- an extension's keys (ext/<name>/...) ----------------------------------------------
     def _ext(self, name: str, key: str = "") -> str:
@@ -231,9 +292,9 @@ class EtcdStore:
     # -- reads ---------------------------------------------------------------------------
     @_converted
     def snapshot(self) -> Snapshot:
-        nodes, masters, failures = {}, {}, {}
-        leader = rnd = outcome = spec = None
-        revision, in_place = 0, False
+        nodes, masters, failures, released = {}, {}, {}, {}
+        leader = rnd = outcome = spec = stop = None
+        revision, in_place, spec_revision = 0, False, 0
         for value, meta in self._client.get_prefix(self._root):
             rel = meta.key.decode()[len(self._root):].split("/")
             kind = rel[0]
@@ -251,13 +312,17 @@ class EtcdStore:
             elif kind == "state":
                 outcome = JobOutcome.from_json(value)
             elif kind == "spec":
-                spec = json.loads(value)
+                spec, spec_revision = JobSpec.from_json(value), meta.mod_revision
             elif kind == "inplace":
                 in_place = True
+            elif kind == "release":
+                released[rel[1]] = Release.from_json(value)
+            elif kind == "stop":
+                stop = StopRequest.from_json(value)
         return Snapshot(
             nodes=nodes, leader=leader, round=rnd, round_revision=revision, masters=masters,
             failures={k: tuple(v) for k, v in failures.items()}, outcome=outcome, spec=spec,
-            in_place=in_place,
+            in_place=in_place, spec_revision=spec_revision, released=released, stop=stop,
         )
 
     # -- change notification -------------------------------------------------------------

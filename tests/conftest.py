@@ -1,4 +1,6 @@
-"""Fixtures shared by every test: one etcd for the session, and a run id per test."""
+"""Fixtures shared by every test: one etcd for the session, a run id per test, and a directory
+of the session where agents record their jobs (not the user's home)."""
+import os
 import uuid
 
 import pytest
@@ -16,3 +18,16 @@ def etcd_endpoint():
 @pytest.fixture
 def run_id():
     return "test-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jobs_dir(tmp_path_factory):
+    """Agents started by the tests record their jobs here (rendezvous.registry)."""
+    path = tmp_path_factory.mktemp("jobs")
+    previous = os.environ.get("ELASTIC_JOBS_DIR")
+    os.environ["ELASTIC_JOBS_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["ELASTIC_JOBS_DIR"]
+    else:
+        os.environ["ELASTIC_JOBS_DIR"] = previous

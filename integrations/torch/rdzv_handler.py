@@ -277,7 +277,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def _waiting(self, snap: Snapshot) -> int:
         """Live nodes outside the current round that fit in it (the leader admits no more)."""
         members = snap.round.node_ids if snap.round is not None else ()
-        max_nodes = (snap.spec or {}).get("max_nodes", self._settings.max_nodes)
+        max_nodes = snap.spec.target if snap.spec else self._settings.max_nodes
         outside = sum(1 for nid in snap.nodes if nid not in members)
         return max(0, min(outside, max_nodes - len(members)))
 

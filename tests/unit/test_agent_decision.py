@@ -8,8 +8,8 @@ from launcher.backend import BackendTraits, WorkerStatus
 from launcher.events import (NodeExcluded, NodeLeft, Rendezvous, Rescale, Waiting, WorkerFailed,
                              WorkerHung)
 from launcher.workers import WorkerFailure
-from rendezvous.api import (BlacklistEntry, JobOutcome, Member, NodeInfo, RendezvousSettings,
-                            Round)
+from rendezvous.api import (BlacklistEntry, JobOutcome, JobSpec, Member, NodeInfo,
+                            RendezvousSettings, Round)
 from rendezvous.decision import FailureReport, Publish
 from rendezvous.store import Snapshot
 
@@ -38,7 +38,7 @@ def snap(round_=None, nodes=(ME, PEER), masters=None, failures=None, in_place=Fa
                          joined_at=0.0) for n in nodes}
     return Snapshot(nodes=infos, leader=ME, round=round_, round_revision=1,
                     masters=masters or {}, failures=failures or {}, outcome=outcome,
-                    spec={"min_nodes": 1, "max_nodes": 3}, in_place=in_place)
+                    spec=JobSpec(min_nodes=1, max_nodes=3, created_at=0.0), in_place=in_place)
 
 
 def running(capable=True, started_at=T0 - 60, pids=(11, 12), **kw):
@@ -70,7 +70,8 @@ def test_waiting_is_said_at_once_then_every_few_seconds_and_forgotten_when_runni
     lonely = snap(nodes=(ME,))
     fixed = d.AgentSettings(node_id=ME, rendezvous=RendezvousSettings(run_id="job", min_nodes=2,
                                                                      max_nodes=2), traits=TORCH)
-    lonely = Snapshot(**{**lonely.__dict__, "spec": {"min_nodes": 2, "max_nodes": 2}})
+    lonely = Snapshot(**{**lonely.__dict__, "spec": JobSpec(min_nodes=2, max_nodes=2,
+                                                             created_at=0.0)})
     first = d.decide(view(lonely), d.AgentState(), fixed)
     assert [a.text for a in first.actions] == [
         "waiting for nodes: 1 of the 2 needed (job 'job')"]

@@ -180,3 +180,66 @@ def test_nodes_without_node_rank_follow_ranked_ones_in_join_order_and_survivors_
     later = decide(view(30, [node("b", 1), ranked("r1", 3, 1), ranked("r0", 25, 0)],
                         rnd=running(1, "r1", "b")), SETTINGS)
     assert later.round.node_ids == ("r1", "b", "r0")
+
+
+def labelled(nid, t, spot=False):
+    return NodeInfo(node_id=nid, host="127.0.0.1", nproc=2, health_addr="127.0.0.1:1",
+                    lease_id=1, joined_at=t, labels={"capacity-type": "spot" if spot else
+                                                     "on-demand"})
+
+
+def with_(v, **changes):
+    from dataclasses import replace
+    return replace(v, **changes)
+
+
+def test_a_desired_size_below_the_round_leaves_out_spot_then_newest_never_rank_0():
+    nodes = [labelled("first", 1), labelled("od-old", 2), labelled("spot-old", 3, spot=True),
+             labelled("od-new", 4)]
+    wide = RendezvousSettings(run_id="r", min_nodes=1, max_nodes=4)
+    r = running(3, "first", "od-old", "spot-old", "od-new")
+    d = decide(with_(view(10, nodes, rnd=r), desired=2), wide)
+    assert isinstance(d, Publish) and d.round.cause == "resized"
+    assert d.round.node_ids == ("first", "od-old") and d.resized == ("spot-old", "od-new")
+    assert d.round.restart_count == 0  # a membership change, not a failure
+    # The rank-0 node stays even when it is the newest spot node.
+    nodes = [labelled("rank0", 9, spot=True), labelled("x", 1)]
+    d = decide(with_(view(10, nodes, rnd=running(3, "rank0", "x")), desired=1), wide)
+    assert d.round.node_ids == ("rank0",) and d.resized == ("x",)
+
+
+def test_spares_wait_below_the_desired_size_and_come_in_when_it_rises():
+    wide = RendezvousSettings(run_id="r", min_nodes=1, max_nodes=4, join_settle=1)
+    nodes = [node("a", 1), node("b", 2), node("spare", 3)]
+    r = running(4, "a", "b")
+    assert decide(with_(view(20, nodes, rnd=r), desired=2), wide) == Wait(wake_at=None)
+    d = decide(with_(view(20, nodes, rnd=r), desired=3), wide)
+    assert d.round.node_ids == ("a", "b", "spare") and d.joined == ("spare",)
+    assert d.round.cause_time == 3  # waiting since long ago: no coalescing window left
+
+
+def test_released_members_depart_and_released_nodes_are_never_admitted():
+    wide = RendezvousSettings(run_id="r", min_nodes=1, max_nodes=4, join_settle=1)
+    nodes = [node("a", 1), node("b", 2), node("c", 3)]
+    d = decide(with_(view(20, nodes, rnd=running(2, "a", "b")), released=frozenset({"b"}),
+                     desired=1), wide)
+    assert d.round.node_ids == ("a",) and d.round.cause == "released"
+    assert d.departed == ("b",) and d.released == ("b",) and d.joined == ()
+    # A released node waiting outside the round never gets in, even with room.
+    d = decide(with_(view(20, nodes, rnd=running(3, "a")), released=frozenset({"b"}),
+                     desired=3), wide)
+    assert d.round.node_ids == ("a", "c")
+
+
+def test_a_stopping_job_gets_no_new_round():
+    nodes = [node("a", 1), node("b", 2)]
+    assert decide(with_(view(20, nodes, rnd=running(2, "a")), stopping=True), SETTINGS) == Wait()
+
+
+def test_the_first_round_waits_for_and_takes_only_the_desired_size():
+    wide = RendezvousSettings(run_id="r", min_nodes=1, max_nodes=4, last_call_timeout=5)
+    nodes = [node("a", 1), node("b", 2)]
+    d = decide(with_(view(3, nodes), desired=2), wide)  # at the desired size: no last call
+    assert d.round.node_ids == ("a", "b")
+    d = decide(with_(view(3, nodes + [node("c", 2.5)]), desired=2), wide)
+    assert d.round.node_ids == ("a", "b")

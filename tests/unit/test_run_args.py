@@ -121,9 +121,34 @@ def test_ignored_torchrun_flags_are_named_once_in_one_line(script):
     assert "--logs-specs" in note and "--rdzv-conf read_timeout" in note
 
 
-def test_tls_settings_are_refused_rather_than_silently_ignored(script):
-    with pytest.raises(UsageError, match="TLS to etcd is not supported"):
+def test_etcd_security_settings_are_checked_and_a_password_never_taken_from_the_command_line(
+        script, tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="cacert=/ca.pem: no readable file there"):
         parse_args(["--rdzv-conf", "cacert=/ca.pem", "--rdzv-endpoint", "h:2379", script])
+    with pytest.raises(UsageError, match="needs both cert= and key="):
+        parse_args(["--rdzv-conf", f"cacert={script},cert={script}", script])
+    with pytest.raises(UsageError, match="protocol=https needs cacert="):
+        parse_args(["--rdzv-conf", "protocol=https", script])
+    with pytest.raises(UsageError, match="set .ELASTIC_ETCD_PASSWORD instead"):
+        parse_args(["--rdzv-conf", "user=root,password=secret", script])
+    monkeypatch.delenv("ELASTIC_ETCD_PASSWORD", raising=False)
+    with pytest.raises(UsageError, match="needs a password: set .ELASTIC_ETCD_PASSWORD"):
+        parse_args(["--rdzv-conf", "user=trainer", script])
+    monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "s3cret")
+    cfg = parse_args(["--rdzv-conf", f"cacert={script},user=trainer,join_timeout=5", script])
+    assert (cfg.security.ca_cert, cfg.security.user, cfg.security.password) == (
+        script, "trainer", "s3cret")
+    assert cfg.rdzv_conf == {"join_timeout": 5.0}
+    assert parse_args([script]).security is None
+
+
+def test_node_labels(script):
+    cfg = parse_args(["--node-label", "capacity-type=spot", "--node-label", "zone=eu-1", script])
+    assert cfg.labels == {"capacity-type": "spot", "zone": "eu-1"}
+    with pytest.raises(UsageError, match="use spot or on-demand"):
+        parse_args(["--node-label", "capacity-type=cheap", script])
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        parse_args(["--node-label", "spot", script])
 
 
 def test_static_rendezvous_from_master_addr_and_node_rank(script):
