@@ -1,4 +1,5 @@
-"""Each agent's health endpoint, and the probe other agents use to tell a dead node from a slow one.
+"""Each agent's health endpoint, and how its peers judge probe results (`rendezvous.liveness`
+asks the question).
 
 A node whose agent was killed stops answering at once (connection refused on a live host), long
 before its lease TTL runs out; the probe lets survivors remove it right away. A node that does
@@ -7,16 +8,13 @@ busy or partitioned host looks the same for a moment.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Tuple
 
-PROBE_TIMEOUT_S = 1.0
+from rendezvous.liveness import ALIVE, DEAD
+
 MISSES_BEFORE_DEAD = 3
-
-ALIVE, DEAD, SUSPECT = "alive", "dead", "suspect"
 
 
 class HealthServer:
@@ -50,28 +48,6 @@ class HealthServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-def _split(addr: str) -> Tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host, int(port)
-
-
-def probe(addr: str, node_id: str, timeout: float = PROBE_TIMEOUT_S) -> str:
-    """ALIVE if the agent of `node_id` answers at addr, DEAD if nothing listens there (or another
-    node does: the port was reused), SUSPECT if it did not answer in time."""
-    host, port = _split(addr)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", "/health")
-        body = json.loads(conn.getresponse().read() or b"{}")
-    except (ConnectionRefusedError, ConnectionResetError):
-        return DEAD
-    except (OSError, http.client.HTTPException, ValueError):
-        return SUSPECT
-    finally:
-        conn.close()
-    return ALIVE if body.get("node_id") == node_id else DEAD
 
 
 class PeerWatch:

@@ -1,6 +1,6 @@
 """Watching the other agents: a background prober that removes dead nodes at once.
 
-Every `interval` it probes the health endpoint of each other registered node (launcher.health);
+Every `interval` it probes the health endpoint of each other registered node (rendezvous.liveness);
 a node found dead has its lease revoked, which deletes its registration, so the leader publishes
 a round without it long before the lease would have expired.
 """
@@ -11,10 +11,11 @@ import threading
 from typing import Callable, Iterable, Optional
 
 from rendezvous.api import NodeInfo, RendezvousConnectionError
+from rendezvous.liveness import ALIVE, DEAD, probe
 from rendezvous.membership import Membership
 from rendezvous.store import Snapshot
 
-from .health import ALIVE, DEAD, PeerWatch, probe
+from .health import PeerWatch
 
 log = logging.getLogger(__name__)
 

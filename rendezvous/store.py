@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_chec
 
 from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousConnectionError, Round,
                   StopRequest)
-from .connect import EtcdSecurity, connect
+from .connect import EtcdSecurity, connect, is_auth_error, renew_token
 from .decision import FailureReport
 
 PREFIX = "/elastic"
@@ -91,7 +91,13 @@ def _converted(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                # etcd's auth tokens expire (5 minutes by default): log in again, once.
+                if is_auth_error(exc) and renew_token(self._client, self._security):
+                    return method(self, *args, **kwargs)
+                raise
         except RendezvousConnectionError:
             raise
         except Exception as exc:  # grpc and pyetcd raise many unrelated types
@@ -112,9 +118,22 @@ class EtcdStore:
         self.run_id = run_id
         self._root = f"{PREFIX}/{run_id}/"
         self._events = f"{EVENTS_PREFIX}/{run_id}/"
+        self._security = security
         self._client = connect(endpoint, timeout=timeout, security=security)
         self._watch_id = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, client, endpoint: str, run_id: str,
+               security: Optional[EtcdSecurity] = None) -> "EtcdStore":
+        """A store for another job on an open client (the job client reads many jobs); its
+        close() leaves the client open."""
+        store = cls.__new__(cls)
+        store.endpoint, store.run_id, store._security = endpoint, run_id, security
+        store._root, store._events = f"{PREFIX}/{run_id}/", f"{EVENTS_PREFIX}/{run_id}/"
+        store._client, store._watch_id, store._lock = client, None, threading.Lock()
+        store._attached = True
+        return store
 
     def _key(self, *parts) -> str:
         return self._root + "/".join(str(p) for p in parts)
@@ -355,6 +374,8 @@ class EtcdStore:
         self.watch(callback)
 
     def close(self) -> None:
+        if getattr(self, "_attached", False):
+            return
         with self._lock:
             if self._watch_id is not None:
                 try:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("rendezvous", "launcher", "elastic", "integrations")
-COMMAND_LINE = {"elastic.run", "elastic.cli", "elastic.flags", "elastic.torchrun_compat"}
+COMMAND_LINE = {"elastic.run", "elastic.cli", "elastic.flags", "elastic.torchrun_compat",
+                "elastic.job"}
 
 
 def layer(module: str) -> str:
