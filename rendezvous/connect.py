@@ -244,6 +244,9 @@ def _describe(exc: BaseException, patience: float) -> str:
         return f"no answer within {patience:g}s; is it etcd?"
     if "Connection refused" in details:
         return "connection refused"
+    if "Socket closed" in details or "WRONG_VERSION_NUMBER" in details:
+        return ("it closed the connection: if it serves TLS, pass cacert= (in --rdzv-conf, or "
+                "--cacert)")
     if "HTTP/2" in details or code == grpc.StatusCode.UNIMPLEMENTED:
         return "what answered is not etcd"
     if "DNS resolution failed" in details or "errors resolving" in details:

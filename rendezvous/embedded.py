@@ -16,12 +16,13 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import psutil
 
 from rendezvous.api import RendezvousConnectionError, RendezvousError
-from rendezvous.connect import connect, format_endpoint
+from rendezvous.connect import EtcdSecurity, connect, format_endpoint
 from rendezvous.scratch import make_scratch
 
 STOP_GRACE_SECONDS = 5.0
@@ -62,7 +63,7 @@ class EmbeddedEtcd:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, data_dir: Optional[str] = None,
-                 name: str = "elastic") -> None:
+                 name: str = "elastic", tls: Optional["ServerTls"] = None) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0-65535, got {port}")
         self.host = host
@@ -72,6 +73,7 @@ class EmbeddedEtcd:
         self._temp_dir: Optional[str] = None  # the directory start() made and stop() removes
         self.data_dir = os.path.abspath(data_dir) if data_dir is not None else ""
         self.endpoint = ""
+        self.tls = tls
         self._proc: Optional[subprocess.Popen] = None
 
     @property
@@ -163,7 +165,8 @@ class EmbeddedEtcd:
                     f"etcd on {probe} did not become ready; last lines of its log:\n{self.log_excerpt()}"
                 )
             try:
-                connect(probe, timeout=min(START_POLL_SECONDS, remaining)).close()
+                connect(probe, timeout=min(START_POLL_SECONDS, remaining),
+                        security=self.client_security()).close()
             except RendezvousConnectionError:
                 continue
             # Another etcd may have taken the port we picked; only ours counts.
@@ -171,19 +174,31 @@ class EmbeddedEtcd:
                 return None
             time.sleep(START_POLL_SECONDS)
 
+    def client_security(self, user: Optional[str] = None,
+                        password: Optional[str] = None) -> Optional[EtcdSecurity]:
+        """How a client on this machine reaches this etcd (its TLS; a user if given)."""
+        tls = self.tls
+        if tls is None:
+            return EtcdSecurity.from_settings(user=user, password=password)
+        return EtcdSecurity(ca_cert=tls.ca_file or tls.cert_file,
+                            cert=tls.client_cert_file, key=tls.client_key_file,
+                            user=user, password=password)
+
     def _command(self, binary: str, client_port: int, peer_port: int) -> List[str]:
-        client_url = _url(self.host, client_port)
+        scheme = "https" if self.tls else "http"
+        client_url = _url(self.host, client_port, scheme)
         peer_url = _url("127.0.0.1", peer_port)
         return [
             binary,
             "--name", self.name,
             "--data-dir", self.data_dir,
             "--listen-client-urls", client_url,
-            "--advertise-client-urls", _url(_advertised_host(self.host), client_port),
+            "--advertise-client-urls", _url(_advertised_host(self.host), client_port, scheme),
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"{self.name}={peer_url}",
             *ETCD_TUNING,
+            *(self.tls.flags() if self.tls else ()),
         ]
 
     @property
@@ -274,8 +289,70 @@ def _listens_on(pid: int, port: int) -> bool:
     return any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets)
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://{format_endpoint(host, port)}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://{format_endpoint(host, port)}"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for the clients of an etcd we run: its certificate and key; ca_file, the CA that
+    clients' certificates must be signed by when client_cert_auth (mutual TLS). The client_*
+    files are what a client on this machine presents (for the readiness probe)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: Optional[str] = None
+    client_cert_auth: bool = False
+    client_cert_file: Optional[str] = None
+    client_key_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "ca_file", "client_cert_file", "client_key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ValueError(f"{name.replace('_', ' ')} {path}: no readable file there")
+        if self.client_cert_auth and self.ca_file is None:
+            raise ValueError("client certificate authentication needs the CA file that signed "
+                             "the clients' certificates")
+
+    def flags(self) -> List[str]:
+        out = ["--cert-file", self.cert_file, "--key-file", self.key_file]
+        if self.client_cert_auth:
+            out += ["--client-cert-auth", "--trusted-ca-file", self.ca_file]
+        return out
+
+
+def enable_auth(endpoint: str, password: str, security: Optional[EtcdSecurity] = None) -> bool:
+    """Turn on etcd's authentication with a `root` user holding `password` (etcd's built-in
+    root role can do anything). False when it was on already (a restart on a data dir).
+
+    Raises:
+        RendezvousConnectionError: etcd cannot be reached.
+    """
+    from pyetcd import etcdrpc
+
+    try:
+        client = connect(endpoint, timeout=15.0, security=security)
+    except RendezvousConnectionError as exc:
+        if "requires a user name" in str(exc):
+            return False  # on already: this etcd was started on a data dir that has it
+        raise
+    auth = client.authstub
+    steps = [(auth.RoleAdd, etcdrpc.AuthRoleAddRequest(name="root")),
+             (auth.UserAdd, etcdrpc.AuthUserAddRequest(name="root", password=password)),
+             (auth.UserGrantRole, etcdrpc.AuthUserGrantRoleRequest(user="root", role="root")),
+             (auth.AuthEnable, etcdrpc.AuthEnableRequest())]
+    try:
+        for call, request in steps:
+            try:
+                call(request, client.timeout)
+            except Exception as exc:  # noqa: BLE001 (grpc's errors)
+                if "already exists" not in str(exc).lower():
+                    raise RendezvousConnectionError(
+                        f"could not enable etcd authentication: {exc}") from exc
+        return True
+    finally:
+        client.close()
 
 
 def _advertised_host(host: str) -> str:
