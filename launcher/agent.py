@@ -287,6 +287,10 @@ class ElasticAgent:
     def _finish(self, outcome: JobOutcome) -> int:
         fields = d.round_fields(self.state.applied)
         if outcome.status in ("succeeded", "stopped"):
+            applied = self.state.applied
+            if applied is None or self.node_id not in applied.node_ids:
+                # A spare (workers pre-warmed in standby, or none): nothing of ours to finish.
+                self._stop_workers(grace=d.RESTART_GRACE_S)
             code = self._wait_for_workers(FINISH_GRACE_S)
             if outcome.status == "stopped" and code == 1 and self.state.stopping == "draining":
                 code = 0  # stopped workers may exit as they like; the job ended as asked

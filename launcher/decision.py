@@ -237,8 +237,14 @@ def leader_actions(published) -> List[Action]:
     rnd = published.round
     fields = dict(round=rnd.number, world_size=rnd.world_size, members=tuple(rnd.node_ids))
     out: List[Action] = []
-    if published.departed:
-        out.append(Emit(NodeLeft(cause="removed", nodes=tuple(published.departed), **fields)))
+    removed = tuple(n for n in published.departed if n not in published.released)
+    if removed:
+        out.append(Emit(NodeLeft(cause="removed", nodes=removed, **fields)))
+    if published.released:
+        out.append(Emit(NodeLeft(cause="released", nodes=tuple(published.released), **fields)))
+    if published.resized:
+        out.append(Emit(NodeLeft(cause="resized", nodes=tuple(published.resized),
+                                 outcome="spare", **fields)))
     for node in published.excluded:
         entry = next(e for e in rnd.blacklist if e.node_id == node)
         out.append(Say(f"node {node} failed {entry.strikes} times; it sits out for "

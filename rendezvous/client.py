@@ -356,13 +356,17 @@ class JobClient:
             active = snap.round.node_ids if snap.round and snap.round.active else ()
             leaving = sum(1 for n in node_ids if n in active and n not in snap.released)
             spec = snap.spec
-            desired = spec.target - leaving
+            now = self._clock()
+            releases = {n: Release(reason=reason, time=now) for n in node_ids}
+            if not leaving:  # only spares: the size stays
+                return spec, releases
+            # From the size the job has (it may be below its target), so that no spare or
+            # waiting node is admitted in their place.
+            desired = min(spec.target, len(active)) - leaving
             if desired < spec.min_nodes:
                 raise InvalidSizeError(
                     f"releasing {leaving} active node(s) would take job {job!r} to {desired}, "
                     f"below its minimum of {spec.min_nodes}; release fewer, or stop the job")
-            now = self._clock()
-            releases = {n: Release(reason=reason, time=now) for n in node_ids}
             return replace(spec, desired=desired), releases
         return self._change(job, decide)
 
