@@ -9,13 +9,19 @@ integrations.torch.run), one agent per "node", `--nnodes 1:2 --nproc-per-node 1`
   ours-restart  python -m elastic.run --rescale-mode restart  (every change restarts the workers)
   torchrun      python -m torch.distributed.run --rdzv-backend c10d
 
-Two scenarios per repetition:
+Four scenarios per repetition (the last two through the job client, for our launcher only:
+torchrun has no way to resize or release a running job):
 
   (a) scale-up:   agent A trains alone at world=1; agent B starts.
                   B start -> first STEP printed at world=2; for ours also B's `joined` event (the
                   moment it registers in the rendezvous, after pre-warming) -> that STEP.
   (b) scale-down: A and B train at world=2; B and every process under it get SIGKILL.
                   the kill -> first STEP printed at world=1.
+  (c) resize up:  A trains alone, the job resized to 1; C starts and waits as a hot spare
+                  (registered, workers pre-warmed in place); the job is resized to 2.
+                  the resize call -> first STEP printed at world=2.
+  (d) release:    A and C train at world=2; C is released (JobClient.release).
+                  the release call -> first STEP printed at world=1.
 
 Times come from the lines the training script prints (ENTER/STEP with unix times), not from the
 launchers; the event log's `duration_s` is shown as a second opinion. Also per change:
@@ -107,6 +113,7 @@ class Run:
         self.launcher, self.dir, self.timeout = launcher, rep_dir, timeout
         self.dir.mkdir(parents=True)
         self.agents: dict[str, subprocess.Popen] = {}
+        self.left: list[subprocess.Popen] = []  # agents expected to exit (released)
         self.etcd: Optional[subprocess.Popen] = None
         self.etcd_data: Optional[Path] = None
         self.endpoint = ""
@@ -116,7 +123,7 @@ class Run:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for agent in self.agents.values():
+        for agent in [*self.agents.values(), *self.left]:
             kill_tree(agent)
         if self.etcd is not None:
             self.etcd.terminate()
@@ -212,7 +219,8 @@ class Run:
             time.sleep(POLL_S)
         raise Hang(f"no step in new world after {self.timeout:g} s", self.timeout)
 
-    def outcome(self, old: int, new: int, t0: float, note: str = "") -> Outcome:
+    def outcome(self, old: int, new: int, t0: float, note: str = "",
+                joined_agent: Optional[str] = "B") -> Outcome:
         """The figures of the change from world `old` to `new` that began at t0, from the lines."""
         change = find_change(self.lines(), old, new, t0)
         if change is None:
@@ -221,8 +229,9 @@ class Run:
                       same_pid=change.same_pid)
         if self.launcher == "torchrun":
             return out
-        if new > old:
-            joined = [e["time"] for e in self.events("B") if e["event"] == "joined" and e["time"] >= t0]
+        if new > old and joined_agent:
+            joined = [e["time"] for e in self.events(joined_agent) if e["event"] == "joined"
+                      and e["time"] >= t0]
             out = replace(out, from_joined=change.first.time - joined[0] if joined else None)
         said = [e for e in self.events("A") if e["event"] == "rescale" and e["world_size"] == new
                 and e["time"] >= t0]
@@ -297,6 +306,54 @@ class Run:
         self.wait_for_step(world=1, after=killed)
         return killed
 
+    def spare_and_release(self) -> dict[str, Outcome]:
+        """(c) and (d) on the job that is left at world 1 after (b)."""
+        from rendezvous.client import JobClient
+
+        if self.launcher == "torchrun":
+            na = Outcome(kind="n/a", detail="torchrun cannot resize or release a running job")
+            return {"resize-up": na, "release": na}
+        out: dict[str, Outcome] = {}
+        with JobClient(self.endpoint) as client:
+            try:
+                client.resize(self.rdzv_id, 1)
+                self.start_agent("C")
+                self.wait_until(lambda: any(n.state == "spare" for n in client.status(
+                    self.rdzv_id, probe=False, recent=0).nodes) and any(
+                    e["event"] == "joined" for e in self.events("C")), "C to wait as a spare")
+                time.sleep(SETTLE_AT_WORLD_2_S)  # let the spare settle: nothing else moves
+                resized = time.time()
+                client.resize(self.rdzv_id, 2)
+                self.wait_for_step(world=2, after=resized)
+                out["resize-up"] = self.outcome(1, 2, resized, joined_agent=None)
+            except NoResult as exc:
+                out["resize-up"] = exc.outcome()
+                out["release"] = NoResult("no world of 2 to release from").outcome()
+                return out
+            try:
+                time.sleep(SETTLE_AT_WORLD_2_S)
+                pid = self.agents["C"].pid
+                spare = next(n.node_id for n in client.status(self.rdzv_id, probe=False,
+                                                              recent=0).nodes
+                             if f"-{pid}-" in n.node_id)
+                self.left.append(self.agents.pop("C"))  # it exits 0 once released
+                released = time.time()
+                client.release(self.rdzv_id, [spare], reason="benchmark")
+                self.wait_for_step(world=1, after=released)
+                time.sleep(EVENT_GRACE_S)
+                out["release"] = self.outcome(2, 1, released)
+            except NoResult as exc:
+                out["release"] = exc.outcome()
+        return out
+
+    def wait_until(self, condition, what: str) -> None:
+        began = time.monotonic()
+        while time.monotonic() < began + self.timeout:
+            if condition():
+                return
+            time.sleep(POLL_S)
+        raise Hang(f"{what}: not after {self.timeout:g} s", self.timeout)
+
     def measure(self) -> dict[str, Outcome]:
         grown, note = None, ""
         try:
@@ -312,7 +369,13 @@ class Run:
             shrunk = self.outcome(2, 1, killed, note)
         except NoResult as exc:
             shrunk = exc.outcome(note)
-        return {"scale-up": grown or self.outcome(1, 2, started_b), "scale-down": shrunk}
+        measured = {"scale-up": grown or self.outcome(1, 2, started_b), "scale-down": shrunk}
+        if shrunk.seconds is not None:
+            measured.update(self.spare_and_release())
+        else:
+            skipped = NoResult("no world of 1 to start from").outcome()
+            measured.update({"resize-up": skipped, "release": skipped})
+        return measured
 
 
 def main() -> None:

@@ -43,10 +43,14 @@ BASE = "ours-inplace"  # the launcher the ratios are taken against
 TARGET_UP_FROM_JOIN_S = 2.87 / 5  # a fifth of horovodrun elastic's 2.87 s on this machine
 TARGET_KILL_S = 1.0
 TARGET_RESTART_RATIO = 4.0  # in place at most a quarter of restart mode's time
+TARGET_CONTROL_S = 0.3  # resize up from a hot spare, and release: call -> first step
 SCENARIOS = {
     "scale-up": "(a) scale-up 1 -> 2 agents: B started -> first step at world=2",
     "scale-down": "(b) SIGKILL scale-down 2 -> 1 agents: B killed -> first step at world=1",
+    "resize-up": "(c) resize up 1 -> 2 onto a hot spare C: resize called -> first step at world=2",
+    "release": "(d) release C, 2 -> 1: release called -> first step at world=1",
 }
+CONTROL = ("resize-up", "release")  # torchrun has no control API: not measured for it
 LINE = re.compile(r"\b(ENTER|STEP) (\d+(?:\.\d+)?) step=(\d+) world=(\d+)(?: pid=(\d+))?")
 
 
@@ -122,7 +126,7 @@ class Outcome:
     """One scenario of one repetition: a time (and what came with it), or a hang / failure and why."""
 
     seconds: Optional[float] = None
-    kind: str = "time"  # time, hang or failed
+    kind: str = "time"  # time, hang, failed, or n/a (the launcher cannot do it)
     detail: str = ""
     waited: float = 0.0  # for a hang or failure: how long the new world was waited for
     from_joined: Optional[float] = None  # scale-up, ours: B's `joined` event -> first new step
@@ -244,7 +248,12 @@ def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
     parts.append("steps recomputed up/down: " + ", ".join(
         f"{n} {count(medians['scale-up', n, 'recomputed'].seconds)}/"
         f"{count(medians['scale-down', n, 'recomputed'].seconds)}" for n in launchers))
+    parts += [f"{label}: " + ", ".join(f"{n} {medians[scenario, n, 'seconds']}"
+                                       for n in launchers if n != "torchrun")
+              for scenario, label in (("resize-up", "resize up from a hot spare->step@2"),
+                                      ("release", "release->step@1"))]
     up_join, kill = med("scale-up", "from_joined"), med("scale-down")
+    spare, release = med("resize-up"), med("release")
     targets = [
         f"scale-up from registration <= {TARGET_UP_FROM_JOIN_S:.3f} s "
         f"{verdict(None if up_join is None else up_join <= TARGET_UP_FROM_JOIN_S)}",
@@ -252,6 +261,10 @@ def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
         f"in-place <= 1/4 of restart: scale-up from registration {versus_restart('scale-up', 'from_joined')}, "
         f"scale-up from B's start {versus_restart('scale-up', 'seconds')}, "
         f"SIGKILL {versus_restart('scale-down', 'seconds')}",
+        f"resize up from a hot spare <= {TARGET_CONTROL_S:g} s "
+        f"{verdict(None if spare is None else spare <= TARGET_CONTROL_S)}",
+        f"release <= {TARGET_CONTROL_S:g} s "
+        f"{verdict(None if release is None else release <= TARGET_CONTROL_S)}",
     ]
     print(f"\nSUMMARY ({os.cpu_count()} cores, CPU only, median of {reps} reps) " + "; ".join(parts)
           + ". TARGETS: " + "; ".join(targets))

@@ -267,8 +267,10 @@ def _decide_running(view: View, settings: RendezvousSettings, current: Round,
             return Wait(wake_at=first_join + settings.join_settle)
         joined = tuple(newcomers[:room])
         members = survivors + [_member(view.nodes[nid]) for nid in joined]
-        # The rescale is timed from the join, so the coalescing window counts against it.
-        return Publish(_next_round(view, members, cause="node_joined", cause_time=first_join),
+        # The rescale is timed from the join, so the coalescing window counts against it; a
+        # spare that waited for room (a resize up) is timed from when the room appeared.
+        cause_time = max(first_join, view.now - settings.join_settle)
+        return Publish(_next_round(view, members, cause="node_joined", cause_time=cause_time),
                        joined=joined)
     return _wake(None, cooling if room > 0 else {})
 
