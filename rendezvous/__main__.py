@@ -82,6 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.auth and not password:
         _fail(f"--auth needs the root user's password in ${ENV_PASSWORD}")
         return 2
+    if args.auth and tls is None:
+        _fail("--auth needs TLS (--tls-cert and --tls-key): etcd's tokens must not travel in "
+              "the clear")
+        return 2
     stop_requested = threading.Event()
 
     def request_stop(signum, frame) -> None:

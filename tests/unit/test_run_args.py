@@ -131,9 +131,11 @@ def test_etcd_security_settings_are_checked_and_a_password_never_taken_from_the_
         parse_args(["--rdzv-conf", "protocol=https", script])
     with pytest.raises(UsageError, match="set .ELASTIC_ETCD_PASSWORD instead"):
         parse_args(["--rdzv-conf", "user=root,password=secret", script])
+    with pytest.raises(UsageError, match="etcd users need TLS"):
+        parse_args(["--rdzv-conf", "user=trainer", script])
     monkeypatch.delenv("ELASTIC_ETCD_PASSWORD", raising=False)
     with pytest.raises(UsageError, match="needs a password: set .ELASTIC_ETCD_PASSWORD"):
-        parse_args(["--rdzv-conf", "user=trainer", script])
+        parse_args(["--rdzv-conf", f"cacert={script},user=trainer", script])
     monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "s3cret")
     cfg = parse_args(["--rdzv-conf", f"cacert={script},user=trainer,join_timeout=5", script])
     assert (cfg.security.ca_cert, cfg.security.user, cfg.security.password) == (
