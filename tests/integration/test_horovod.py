@@ -52,21 +52,25 @@ def seen(agent, pattern, since=0, timeout=90):
 
 
 def test_a_horovodrun_script_runs_unmodified_on_two_agents(agents):
+    # Every node of a job runs the same --nproc-per-node (the job spec says so; slots of
+    # unequal nodes are covered by tests/unit/test_horovod_slots.py).
     a = agents("a", SCRIPTS / "hvd_static.py", nnodes="2", nproc=2)
-    b = agents("b", SCRIPTS / "hvd_static.py", nnodes="2", nproc=1)
+    b = agents("b", SCRIPTS / "hvd_static.py", nnodes="2", nproc=2)
     assert a.wait(120) == 0, a.output()[-3000:]
     assert b.wait(60) == 0, b.output()[-3000:]
     out = a.output() + b.output()
-    # Two agents are two Horovod hosts (ranks in the order they joined): local rank 1 exists on
-    # a only, so its cross communicator has one member.
+    # Two agents are two Horovod hosts (ranks in the order they joined); the cross communicator
+    # of each local rank holds that local rank of both nodes.
     slots = [tuple(map(int, m)) for m in re.findall(
-        r"HVD rank=(\d) size=3 local_rank=(\d) local_size=(\d) cross_rank=(\d) cross_size=(\d)",
+        r"HVD rank=(\d) size=4 local_rank=(\d) local_size=(\d) cross_rank=(\d) cross_size=(\d)",
         out)]
-    assert sorted(s[0] for s in slots) == [0, 1, 2], out[-3000:]
-    assert sorted(s[1:3] + s[4:] for s in slots) == [(0, 1, 2), (0, 2, 2), (1, 2, 1)], slots
-    assert sorted(s[3] for s in slots if s[1] == 0) == [0, 1], slots
-    checksums = set(re.findall(r"DONE rank=\d size=3 checksum=(\S+)", out))
-    assert len(re.findall(r"DONE rank=", out)) == 3 and len(checksums) == 1, out[-3000:]
+    assert sorted(s[0] for s in slots) == [0, 1, 2, 3], out[-3000:]
+    assert sorted(s[1:3] + s[4:] for s in slots) == [(0, 2, 2), (0, 2, 2), (1, 2, 2),
+                                                     (1, 2, 2)], slots
+    for local_rank in (0, 1):
+        assert sorted(s[3] for s in slots if s[1] == local_rank) == [0, 1], slots
+    checksums = set(re.findall(r"DONE rank=\d size=4 checksum=(\S+)", out))
+    assert len(re.findall(r"DONE rank=", out)) == 4 and len(checksums) == 1, out[-3000:]
 
 
 def test_elastic_script_grows_and_shrinks_in_place_and_resumes_from_its_commit(agents):

@@ -87,7 +87,7 @@ def test_resize_down_and_release_lose_no_committed_step_and_no_spare_comes_back(
     [left] = [e for e in events if e["event"] == "node_left" and e["cause"] == "released"
               and e["node"] == nb]  # b's own record; the leader's names b in `nodes`
     assert left["outcome"] == "left at a step boundary"
-    assert any(e["event"] == "node_left" and e["cause"] == "released" and e["nodes"] == [nb]
+    assert any(e["event"] == "node_left" and e["cause"] == "released" and e.get("nodes") == [nb]
                for e in events)
     assert [e["cause"] for e in events if e["event"] == "rescale" and e["node"] == na
             ] == ["node_joined", "node_joined", "resized", "released"]
@@ -332,4 +332,55 @@ def test_a_tls_etcd_with_users_works_end_to_end_and_refuses_a_client_without_the
     finally:
         server.terminate()
         server.wait(30)
+    assert processes_with_mark(mark) == []
+
+
+def test_a_released_node_may_stay_as_a_spare_and_come_back(tmp_path, etcd_endpoint, run_id):
+    mark, stop, logs = new_mark(), tmp_path / "stop", tmp_path / "logs"
+    args = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_endpoint,
+            "--rdzv-id", run_id, "--rdzv-conf", "last_call_timeout=0.3,join_settle=0.2",
+            "--log-dir", logs, ALLREDUCE, "--stop-file", stop]
+    a = Agent(args, tmp_path, "a", mark)
+    b = None
+    try:
+        wait_for(lambda: "world=1 rank=0" in a.output(), timeout=60, what="a training")
+        b = Agent(["--stay-as-spare", *args], tmp_path, "b", mark)
+        wait_for(lambda: "world=2 rank=1" in b.output(), timeout=90, what="b in the job")
+        with JobClient(etcd_endpoint) as client:
+            nb = node_of(b, client, run_id)
+            client.release(run_id, [nb], reason="lend it")
+            wait_for(lambda: {n.node_id: n.state for n in client.status(run_id).nodes}
+                     .get(nb) == "spare", timeout=60, what="b to stay as a spare")
+            assert b.proc.poll() is None  # still running: a spare, workers in standby
+            before = len(b.output())
+            client.resize(run_id, 2)
+            wait_for(lambda: "world=2 rank=1" in b.output()[before:], timeout=60,
+                     what="b back in the job")
+        stop.touch()
+        assert a.wait(60) == 0 and b.wait(60) == 0
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+    # b's worker kept its process: released to standby, and back.
+    pids = set(re.findall(r"world=2 rank=1 pid=(\d+)", b.output()))
+    assert len(pids) == 1
+    events = read_events(logs)
+    assert any(e["event"] == "node_left" and e["cause"] == "released" and e.get("outcome") ==
+               "spare" for e in events)
+
+
+def test_a_finished_job_is_kept_for_its_retention_then_removed(tmp_path, etcd_endpoint, run_id):
+    mark = new_mark()
+    stop = tmp_path / "stop"
+    stop.touch()  # the job ends at its first step
+    for job, retention in ((run_id + "-kept", "3600"), (run_id + "-gone", "0")):
+        agent = Agent(["--rdzv-endpoint", etcd_endpoint, "--rdzv-id", job, "--job-retention",
+                       retention, STEPS, "--stop-file", stop], tmp_path, job, mark)
+        assert agent.wait(60) == 0
+    with JobClient(etcd_endpoint) as client:
+        jobs = client.jobs()
+        assert run_id + "-kept" in jobs and run_id + "-gone" not in jobs
+        assert client.status(run_id + "-kept", probe=False).state == "succeeded"
+        assert client.events(run_id + "-kept")  # its history is kept with it
     assert processes_with_mark(mark) == []
