@@ -237,9 +237,10 @@ def _decide_running(view: View, settings: RendezvousSettings, current: Round,
                     cooling: Dict[str, float], target: int) -> Decision:
     survivors = [m for m in current.members
                  if m.node_id in view.nodes and m.node_id not in view.released]
-    gone = tuple(m.node_id for m in current.members if m.node_id not in view.nodes)
-    released = tuple(m.node_id for m in current.members
-                     if m.node_id in view.nodes and m.node_id in view.released)
+    # A released node may deregister before the leader looks: it still left because it was released.
+    released = tuple(m.node_id for m in current.members if m.node_id in view.released)
+    gone = tuple(m.node_id for m in current.members
+                 if m.node_id not in view.nodes and m.node_id not in view.released)
     departed = gone + released
     newcomers = _newcomers(view, current.node_ids, cooling)
     room = target - len(survivors)
