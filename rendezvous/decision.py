@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
-from . import blacklist
+from . import blacklist, victims
 from .api import JobOutcome, Member, NodeInfo, RendezvousSettings, Round
 
 
@@ -163,10 +163,13 @@ def choose_leavers(members: Sequence[Member], nodes: Mapping[str, NodeInfo],
                    first_seen: Mapping[str, float], count: int) -> Tuple[str, ...]:
     """Which `count` members leave to shrink the round: never the first (it holds rank 0, and
     the state lives there), spot nodes before on-demand ones, the newest first."""
-    def order(m: Member):
+    def spot(m: Member) -> bool:
         info = nodes.get(m.node_id)
-        return (not (info is not None and info.spot), -first_seen.get(m.node_id, 0.0), m.node_id)
-    return tuple(m.node_id for m in sorted(members[1:], key=order)[:max(count, 0)])
+        return info is not None and info.spot
+    chosen = victims.leavers(members[1:], count, spot=spot,
+                             joined_at=lambda m: first_seen.get(m.node_id, 0.0),
+                             key=lambda m: m.node_id)
+    return tuple(m.node_id for m in chosen)
 
 
 def _target(view: View, settings: RendezvousSettings) -> int:

@@ -1,0 +1,324 @@
+"""The scheduler's state, and the pure functions that change it.
+
+`State` is immutable. What happens outside (a workload submitted or finished, its members
+started, a node added or lost, an endpoint asking for replicas) and what `step` decided (via
+`apply`) each return a new State. The Ray binding and the simulator call the same functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+from . import quota
+from .config import NODE_TYPE_LABEL, Config
+from .decisions import (Admit, Preempt, Release, ReleaseNodes, Requeue, RequestNodes, Reserve,
+                        Resize, Step, Unreserve)
+from .model import Node, Shape, allocate, can_hold, totals
+from .workload import (SAME_NODE, Admitted, Member, NodeRequest, Pending, Reservation,
+                       SubmissionError, Workload, check)
+
+
+@dataclass(frozen=True)
+class State:
+    config: Config
+    nodes: Mapping[str, Node] = field(default_factory=dict)  # with what is allocated on them
+    pending: Mapping[str, Pending] = field(default_factory=dict)
+    admitted: Mapping[str, Admitted] = field(default_factory=dict)
+    reservation: Optional[Reservation] = None
+    idle_since: Mapping[str, float] = field(default_factory=dict)  # nodes with nothing on them
+    requests: Tuple[NodeRequest, ...] = ()  # node requests not yet met
+    deactivated: Mapping[str, str] = field(default_factory=dict)  # workload -> why
+    mix: Optional[object] = None  # fragmentation.WorkloadMix for fgd/ours (None: from the workloads)
+
+    @classmethod
+    def of(cls, config: Config, nodes: Iterable[Node] = (), now: float = 0.0, **kw) -> "State":
+        nodes = {n.name: n for n in nodes}
+        return cls(config, nodes, idle_since={n: now for n, x in nodes.items() if _empty(x)}, **kw)
+
+    @cached_property
+    def usage(self) -> quota.Usage:
+        return quota.from_admitted(self.config, self.admitted)
+
+    @cached_property
+    def capacity(self) -> quota.Vector:
+        t = totals(self.nodes)
+        return (t["cpu_milli"], t["memory_mib"], t["gpu_milli"])
+
+    @cached_property
+    def queue_order(self) -> Dict[str, Tuple[Pending, ...]]:
+        """Every queue's pending workloads in the order they are considered: higher priority
+        first, then first submitted."""
+        prio = self.config.priorities
+        out: Dict[str, List[Pending]] = {q: [] for q in self.config.queues}
+        for p in self.pending.values():
+            out[p.workload.queue].append(p)
+        return {q: tuple(sorted(ps, key=lambda p: (-prio[p.workload.klass], p.submitted_at,
+                                                   p.workload.name)))
+                for q, ps in out.items()}
+
+    def priority(self, w: Workload) -> int:
+        return self.config.priorities[w.klass]
+
+
+def _empty(node: Node) -> bool:
+    return node.used_cpu_milli == 0 and node.used_memory_mib == 0 and \
+        all(g.used_milli == 0 and g.used_memory_mib == 0 for g in node.gpus)
+
+
+# ---- what happens outside ----------------------------------------------------------------------
+
+def submit(state: State, w: Workload, now: float) -> State:
+    """Queue a workload. Raises SubmissionError (nothing changes) for a spec the scheduler could
+    never admit: bad sizes, an unknown queue or priority class, a member no node (or node type)
+    can ever hold."""
+    check(w)
+    where = f"workload {w.name!r}"
+    if w.name in state.pending or w.name in state.admitted:
+        raise SubmissionError(f"{where} already exists; pick another name or finish it first")
+    queue = state.config.queues.get(w.queue)
+    if queue is None:
+        raise SubmissionError(f"{where}: unknown queue {w.queue!r}; known queues: "
+                              f"{', '.join(state.config.queues)}")
+    if w.klass not in state.config.priorities:
+        raise SubmissionError(f"{where}: unknown priority class {w.klass!r}; known: "
+                              f"{', '.join(state.config.priorities)}")
+    if not holdable(state, w):
+        raise SubmissionError(f"{where}: no node or node type of queue {w.queue}'s flavors can "
+                              f"hold {_members(w.min_size if w.constraint != SAME_NODE else w.max_size)}"
+                              f" of {describe(w.shape)}"
+                              + (" on one node" if w.constraint == SAME_NODE else ""))
+    pending = dict(state.pending)
+    pending[w.name] = Pending(w, now)
+    deactivated = {k: v for k, v in state.deactivated.items() if k != w.name}
+    return replace(state, pending=pending, deactivated=deactivated)
+
+
+def _members(n: int) -> str:
+    return f"{n} member" + ("" if n == 1 else "s")
+
+
+def describe(shape: Shape) -> str:
+    parts = []
+    if shape.gpus:
+        parts.append(f"{shape.gpus} GPU" + ("" if shape.gpus == 1 else "s"))
+    if shape.gpu_milli:
+        parts.append(f"{shape.gpu_milli / 1000:g} of a GPU")
+    if shape.gpu_demand_milli and shape.gpu_memory_mib:
+        parts.append(f"{shape.gpu_memory_mib / 1024:g} GiB GPU memory")
+    if shape.gpu_model:
+        parts.append(f"model {shape.gpu_model}")
+    if shape.cpu_milli:
+        parts.append(f"{shape.cpu_milli / 1000:g} CPU")
+    if shape.memory_mib:
+        parts.append(f"{shape.memory_mib / 1024:g} GiB memory")
+    return ", ".join(parts) or "nothing"
+
+
+def prototypes(state: State) -> List[Node]:
+    """One empty node of every kind the pool has or may get."""
+    seen, out = set(), []
+    for node in list(state.nodes.values()) + [t.node(t.name) for t in state.config.node_types.values()]:
+        key = (node.cpu_milli, node.memory_mib, tuple((g.model, g.memory_mib) for g in node.gpus),
+               tuple(sorted(node.labels.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append(Node(node.name, node.cpu_milli, node.memory_mib,
+                            tuple(replace(g, used_milli=0, used_memory_mib=0) for g in node.gpus),
+                            node.labels))
+    return out
+
+
+def holdable(state: State, w: Workload) -> bool:
+    """Whether some node kind in one of the queue's flavors can ever hold a member (a same-node
+    gang: all of them at once)."""
+    queue = state.config.queues[w.queue]
+    flavors = [state.config.flavors[qf.flavor] for qf in queue.flavors]
+    for node in prototypes(state):
+        if not any(f.matches(node) for f in flavors):
+            continue
+        if w.constraint == SAME_NODE:
+            if _fits_many(node, w.shape, w.max_size):
+                return True
+        elif can_hold(node, w.shape):
+            return True
+    return False
+
+
+def _fits_many(node: Node, shape: Shape, count: int) -> bool:
+    from .model import gpu_choice
+    for _ in range(count):
+        gpus = gpu_choice(node, shape)
+        if gpus is None:
+            return False
+        node = allocate(node, shape, gpus)
+    return True
+
+
+def finish(state: State, name: str, now: float) -> State:
+    """A workload ended (or was cancelled): its capacity is free."""
+    if name in state.admitted:
+        state = _evict(state, name, now)
+    pending = {k: v for k, v in state.pending.items() if k != name}
+    reservation = state.reservation if state.reservation is None or \
+        state.reservation.workload != name else None
+    return replace(state, pending=pending, reservation=reservation)
+
+
+def mark_ready(state: State, name: str) -> State:
+    """Every member of an admitted workload started (Kueue's PodsReady)."""
+    a = state.admitted.get(name)
+    if a is None or a.ready:
+        return state
+    return replace(state, admitted={**state.admitted, name: replace(a, ready=True)})
+
+
+def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
+    """An endpoint asks for a new replica count (above its size it grows at the next step,
+    below it the newest replicas leave now)."""
+    if replicas < 1:
+        raise SubmissionError(f"workload {name!r}: replicas must be at least 1, got {replicas}")
+    if name in state.pending:
+        p = state.pending[name]
+        w = replace(p.workload, max_size=replicas, min_size=min(p.workload.min_size, replicas))
+        return replace(state, pending={**state.pending, name: replace(p, workload=w)})
+    a = state.admitted.get(name)
+    if a is None:
+        raise SubmissionError(f"workload {name!r} is neither pending nor running")
+    w = replace(a.workload, max_size=replicas, min_size=min(a.workload.min_size, replicas))
+    state = replace(state, admitted={**state.admitted, name: replace(a, workload=w)})
+    if a.size > replicas:
+        state = _remove_members(state, name, tuple(m.id for m in a.members[replicas:]), now)
+    return state
+
+
+def add_node(state: State, node: Node, now: float) -> State:
+    nodes = {**state.nodes, node.name: node}
+    requests = list(state.requests)
+    kind = node.labels.get(NODE_TYPE_LABEL)
+    for i, r in enumerate(requests):
+        if r.node_type == kind:
+            requests[i] = replace(r, count=r.count - 1)
+            break
+    idle = {**state.idle_since, node.name: now} if _empty(node) else dict(state.idle_since)
+    return replace(state, nodes=nodes, idle_since=idle,
+                   requests=tuple(r for r in requests if r.count > 0))
+
+
+def remove_node(state: State, name: str, now: float) -> State:
+    """A node is gone (released, preempted by the cloud, failed): a gang with a member there is
+    back in its queue; an elastic job or endpoint loses those members (the next step brings it
+    back to its size if it can)."""
+    for wname, a in list(state.admitted.items()):
+        lost = tuple(m.id for m in a.members if m.node == name)
+        if not lost:
+            continue
+        if a.workload.resizable and len(lost) < a.size:
+            state = _remove_members(state, wname, lost, now)
+        else:
+            state = _evict(state, wname, now, reason=f"lost node {name}")
+    nodes = {k: v for k, v in state.nodes.items() if k != name}
+    idle = {k: v for k, v in state.idle_since.items() if k != name}
+    reservation = state.reservation
+    if reservation is not None and name in reservation.nodes:
+        reservation = None  # chosen again at the next step
+    return replace(state, nodes=nodes, idle_since=idle, reservation=reservation)
+
+
+# ---- carrying out a step -----------------------------------------------------------------------
+
+def apply(state: State, step: Step) -> State:
+    """The state after the step's decisions were carried out (node requests are recorded; nodes
+    appear with `add_node` when the cloud delivers them)."""
+    now = step.now
+    for d in step.decisions:
+        if isinstance(d, Requeue):
+            state = _evict(state, d.workload, now, requeue=d)
+        elif isinstance(d, Release):
+            state = _remove_members(state, d.workload, d.members, now)
+        elif isinstance(d, Preempt):
+            state = _evict(state, d.workload, now, reason=d.reason)
+        elif isinstance(d, Admit):
+            p = state.pending[d.workload]
+            a = Admitted(p.workload, d.flavor, (), now, submitted_at=p.submitted_at,
+                         requeues=p.requeues)
+            state = replace(state, pending={k: v for k, v in state.pending.items() if k != d.workload},
+                            admitted={**state.admitted, d.workload: a})
+            state = _add_members(state, d.workload, d.members, now)
+            if state.reservation is not None and state.reservation.workload == d.workload:
+                state = replace(state, reservation=None)
+        elif isinstance(d, Resize):
+            state = _add_members(state, d.workload, d.added, now)
+        elif isinstance(d, Reserve):
+            state = replace(state, reservation=Reservation(d.workload, d.nodes, now))
+        elif isinstance(d, Unreserve):
+            state = replace(state, reservation=None)
+        elif isinstance(d, RequestNodes):
+            state = replace(state, requests=state.requests + (NodeRequest(d.node_type, d.count, now),))
+        elif isinstance(d, ReleaseNodes):
+            for name in d.nodes:
+                state = remove_node(state, name, now)
+    if step.reasons:
+        pending = dict(state.pending)
+        for name, reason in step.reasons.items():
+            if name in pending and pending[name].last_reason != reason:
+                pending[name] = replace(pending[name], last_reason=reason)
+        state = replace(state, pending=pending)
+    return state
+
+
+def expire_requests(state: State, now: float) -> State:
+    keep = tuple(r for r in state.requests if now - r.at < state.config.timeouts.node_request_s)
+    return state if keep == state.requests else replace(state, requests=keep)
+
+
+def _with_nodes(state: State, changed: Dict[str, Node], now: float) -> Dict:
+    nodes = {**state.nodes, **changed}
+    idle = dict(state.idle_since)
+    for name, node in changed.items():
+        if _empty(node):
+            idle.setdefault(name, now)
+        else:
+            idle.pop(name, None)
+    return dict(nodes=nodes, idle_since=idle)
+
+
+def _add_members(state: State, name: str, members: Tuple[Member, ...], now: float) -> State:
+    a = state.admitted[name]
+    shape = a.workload.shape
+    changed: Dict[str, Node] = {}
+    for m in members:
+        node = changed.get(m.node) or state.nodes[m.node]
+        changed[m.node] = allocate(node, shape, m.binding.gpu_indices)
+    n = a.next_member + len(members)
+    a = replace(a, members=a.members + tuple(members), next_member=n)
+    return replace(state, admitted={**state.admitted, name: a}, **_with_nodes(state, changed, now))
+
+
+def _remove_members(state: State, name: str, ids: Tuple[str, ...], now: float) -> State:
+    a = state.admitted[name]
+    shape = a.workload.shape
+    changed: Dict[str, Node] = {}
+    gone = set(ids)
+    for m in a.members:
+        if m.id in gone and m.node in state.nodes:
+            node = changed.get(m.node) or state.nodes[m.node]
+            changed[m.node] = allocate(node, shape, m.binding.gpu_indices, sign=-1)
+    a = replace(a, members=tuple(m for m in a.members if m.id not in gone))
+    return replace(state, admitted={**state.admitted, name: a}, **_with_nodes(state, changed, now))
+
+
+def _evict(state: State, name: str, now: float, reason: str = "",
+           requeue: Optional[Requeue] = None) -> State:
+    a = state.admitted[name]
+    state = _remove_members(state, name, tuple(m.id for m in a.members), now)
+    admitted = {k: v for k, v in state.admitted.items() if k != name}
+    pending = dict(state.pending)
+    deactivated = dict(state.deactivated)
+    if requeue is not None and requeue.deactivate:
+        deactivated[name] = requeue.reason
+    else:
+        requeues = a.requeues + (1 if requeue is not None else 0)
+        pending[name] = Pending(a.workload, a.submitted_at if requeue is None else now, requeues,
+                                requeue.retry_at if requeue is not None else 0.0, reason)
+    return replace(state, admitted=admitted, pending=pending, deactivated=deactivated)
