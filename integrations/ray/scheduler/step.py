@@ -182,6 +182,8 @@ class _Pass:
                       f"{why}; requeued (#{n}), back in the queue at t={retry_at:g}")
             self._take_all(name)
             self.decisions.append(Requeue(name, retry_at, deactivate, reason))
+            if not deactivate:
+                self.reasons[name] = reason
 
     # -- heads -----------------------------------------------------------------------------------
 
@@ -549,6 +551,7 @@ class _Pass:
         for name in evicted:
             v = self.workload(name)
             self.decisions.append(Preempt(name, f"{reason}; {name} is {v.klass}"))
+            self.reasons[name] = f"preempted {reason}; back in its queue"
         parts = []
         if released:
             parts.append("shrank " + ", ".join(f"{n}" for n in released if n not in evicted))
