@@ -61,12 +61,12 @@ class Fgd:
 
     def __init__(self, mix: WorkloadMix, quantize: bool = True, cpu_feed: float = 0.0):
         self.mix, self.quantize, self.cpu_feed = mix, quantize, cpu_feed
-        self._pool: Optional[PoolIndex] = None
+        self._layout: Optional[object] = None
         self._cache: "OrderedDict[Shape, _Scores]" = OrderedDict()
 
     def _bind_pool(self, pool: PoolIndex) -> None:
-        if self._pool is not pool:
-            self._pool, self._arrays = pool, self.mix.arrays(pool, self.cpu_feed)
+        if self._layout is not pool.layout:
+            self._layout, self._arrays = pool.layout, self.mix.arrays(pool, self.cpu_feed)
             self._cache.clear()
             self._u = _Scores(len(pool))
 

@@ -8,8 +8,10 @@ nodes with a few vectorised operations, and it changes only one row per bind or 
 It owns:
   - the free CPU, memory, and per-GPU free compute / memory of every node, with the GPU model of
     every slot (nodes with fewer GPUs than the widest node have padding slots that never fit);
-  - `version`, a per-node counter bumped on every change, so a policy may cache per-node scores
-    and recompute only the rows that changed since (see placement_fgd);
+  - `version`, a stamp per node, new on every change and unique across all indexes of the
+    process (copies included), so a policy may cache per-node scores and recompute only the rows
+    whose stamp changed (see placement_fgd); `layout`, shared by an index and its copies while
+    the nodes, their order and their capacities stay the same, says when such a cache applies;
   - `rank`, a fixed per-node order used to break ties between equally good nodes (seeded: the
     FGD authors' simulator also breaks ties by a random but fixed order of the nodes);
   - the current `model.Node` of every node, updated with `model.allocate`, so what the index says
@@ -20,6 +22,7 @@ memory: the index is the last line of defence whatever a policy chose.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -27,6 +30,7 @@ import numpy as np
 from .model import GPU_MILLI, Binding, ModelError, Node, Shape, allocate
 
 NO_MODEL = -2  # code of a gpu_model the pool does not have: matches no slot
+_STAMPS = itertools.count(1)  # node version stamps: never reused, so caches keyed on them hold
 
 
 class PoolIndex:
@@ -54,6 +58,7 @@ class PoolIndex:
         self.gpu_mem_cap = np.zeros((n, g), dtype=np.int64)
         self.gpu_mem_free = np.full((n, g), -1, dtype=np.int64)  # padding -1: fits nothing
         self.version = np.zeros(n, dtype=np.int64)
+        self.layout = object()
         self.rank = (np.arange(n) if seed is None
                      else np.random.default_rng(seed).permutation(n)).astype(np.int64)
         for i in range(n):
@@ -62,6 +67,16 @@ class PoolIndex:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def copy(self) -> "PoolIndex":
+        """An independent copy (same layout and stamps until either changes)."""
+        new = object.__new__(PoolIndex)
+        new.__dict__.update(self.__dict__)
+        for key, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                new.__dict__[key] = value.copy()
+        new.nodes = list(self.nodes)
+        return new
 
     def _load(self, i: int) -> None:
         node = self.nodes[i]
@@ -73,7 +88,7 @@ class PoolIndex:
             self.gpu_free[i, j] = gpu.free_milli
             self.gpu_mem_cap[i, j] = gpu.memory_mib
             self.gpu_mem_free[i, j] = gpu.free_memory_mib
-        self.version[i] += 1
+        self.version[i] = next(_STAMPS)
 
     def node(self, name: str) -> Node:
         return self.nodes[self.pos[name]]
@@ -137,7 +152,7 @@ class PoolIndex:
         for j in gpus:
             self.gpu_free[i, j] -= sign * milli
             self.gpu_mem_free[i, j] -= sign * shape.gpu_memory_mib
-        self.version[i] += 1
+        self.version[i] = next(_STAMPS)
 
     def unbind(self, binding: Binding, shape: Shape) -> None:
         self.bind(binding, shape, sign=-1)
@@ -148,7 +163,11 @@ class PoolIndex:
         if len(node.gpus) != self.gpu_count[i] \
                 or any(g.model not in self.model_code for g in node.gpus):
             raise ModelError(f"node {node.name}: GPU count or model changed; build a new index")
+        old = self.nodes[i]
         self.nodes[i] = node
+        if (old.cpu_milli, old.memory_mib, [g.memory_mib for g in old.gpus], old.labels) != \
+                (node.cpu_milli, node.memory_mib, [g.memory_mib for g in node.gpus], node.labels):
+            self.layout = object()
         self.cpu_cap[i], self.mem_cap[i] = node.cpu_milli, node.memory_mib
         self._load(i)
 

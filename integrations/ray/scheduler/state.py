@@ -15,6 +15,7 @@ from .config import NODE_TYPE_LABEL, Config
 from .decisions import (Admit, Preempt, Release, ReleaseNodes, Requeue, RequestNodes, Reserve,
                         Resize, Step, Unreserve)
 from .model import Node, Shape, allocate, can_hold, totals
+from .pool import PoolIndex
 from .workload import (SAME_NODE, Admitted, Member, NodeRequest, Pending, Reservation,
                        SubmissionError, Workload, check)
 
@@ -61,6 +62,43 @@ class State:
         return self.config.priorities[w.klass]
 
 
+class Derived:
+    """What is computed from a state's nodes, handed from one state to the next while it holds:
+    the pool index (a copy with the changed rows reloaded when allocations change), each
+    flavor's node mask and the kinds of node (both change only when nodes come or go), and
+    `memo`, where `step` keeps placement policies whose score caches stay valid for one pool
+    layout. Nodes added or removed, or another config, start afresh. None of it is state:
+    a State built from the same fields computes the same values."""
+
+    __slots__ = ("index", "masks", "kinds", "memo")
+
+    def __init__(self, index: PoolIndex, masks=None, kinds=None, memo=None):
+        self.index, self.masks, self.kinds = index, masks, kinds
+        self.memo = {} if memo is None else memo
+
+
+def derived(state: State) -> Derived:
+    d = state.__dict__.get("_derived")
+    if d is None:
+        d = state.__dict__["_derived"] = Derived(PoolIndex(state.nodes, seed=0))
+    return d
+
+
+def _next(state: State, changed: Optional[Dict[str, Node]] = None, **changes) -> State:
+    """`replace(state, **changes)`, handing on what was derived from its nodes (`changed`: nodes
+    whose allocation changed, already in changes["nodes"])."""
+    new = replace(state, **changes)
+    d = state.__dict__.get("_derived")
+    if d is not None and new.config is state.config:
+        if changed:
+            index = d.index.copy()
+            for node in changed.values():
+                index.replace(node)
+            d = Derived(index, d.masks, d.kinds, d.memo)
+        new.__dict__["_derived"] = d
+    return new
+
+
 def _empty(node: Node) -> bool:
     return node.used_cpu_milli == 0 and node.used_memory_mib == 0 and \
         all(g.used_milli == 0 and g.used_memory_mib == 0 for g in node.gpus)
@@ -91,7 +129,7 @@ def submit(state: State, w: Workload, now: float) -> State:
     pending = dict(state.pending)
     pending[w.name] = Pending(w, now)
     deactivated = {k: v for k, v in state.deactivated.items() if k != w.name}
-    return replace(state, pending=pending, deactivated=deactivated)
+    return _next(state, pending=pending, deactivated=deactivated)
 
 
 def _members(n: int) -> str:
@@ -117,6 +155,13 @@ def describe(shape: Shape) -> str:
 
 def prototypes(state: State) -> List[Node]:
     """One empty node of every kind the pool has or may get."""
+    d = derived(state)
+    if d.kinds is None:
+        d.kinds = _prototypes(state)
+    return d.kinds
+
+
+def _prototypes(state: State) -> List[Node]:
     seen, out = set(), []
     for node in list(state.nodes.values()) + [t.node(t.name) for t in state.config.node_types.values()]:
         key = (node.cpu_milli, node.memory_mib, tuple((g.model, g.memory_mib) for g in node.gpus),
@@ -162,7 +207,7 @@ def finish(state: State, name: str, now: float) -> State:
     pending = {k: v for k, v in state.pending.items() if k != name}
     reservation = state.reservation if state.reservation is None or \
         state.reservation.workload != name else None
-    return replace(state, pending=pending, reservation=reservation)
+    return _next(state, pending=pending, reservation=reservation)
 
 
 def mark_ready(state: State, name: str) -> State:
@@ -170,7 +215,7 @@ def mark_ready(state: State, name: str) -> State:
     a = state.admitted.get(name)
     if a is None or a.ready:
         return state
-    return replace(state, admitted={**state.admitted, name: replace(a, ready=True)})
+    return _next(state, admitted={**state.admitted, name: replace(a, ready=True)})
 
 
 def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
@@ -181,12 +226,12 @@ def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
     if name in state.pending:
         p = state.pending[name]
         w = replace(p.workload, max_size=replicas, min_size=min(p.workload.min_size, replicas))
-        return replace(state, pending={**state.pending, name: replace(p, workload=w)})
+        return _next(state, pending={**state.pending, name: replace(p, workload=w)})
     a = state.admitted.get(name)
     if a is None:
         raise SubmissionError(f"workload {name!r} is neither pending nor running")
     w = replace(a.workload, max_size=replicas, min_size=min(a.workload.min_size, replicas))
-    state = replace(state, admitted={**state.admitted, name: replace(a, workload=w)})
+    state = _next(state, admitted={**state.admitted, name: replace(a, workload=w)})
     if a.size > replicas:
         state = _remove_members(state, name, tuple(m.id for m in a.members[replicas:]), now)
     return state
@@ -242,19 +287,19 @@ def apply(state: State, step: Step) -> State:
             p = state.pending[d.workload]
             a = Admitted(p.workload, d.flavor, (), now, submitted_at=p.submitted_at,
                          requeues=p.requeues)
-            state = replace(state, pending={k: v for k, v in state.pending.items() if k != d.workload},
-                            admitted={**state.admitted, d.workload: a})
+            state = _next(state, pending={k: v for k, v in state.pending.items() if k != d.workload},
+                          admitted={**state.admitted, d.workload: a})
             state = _add_members(state, d.workload, d.members, now)
             if state.reservation is not None and state.reservation.workload == d.workload:
-                state = replace(state, reservation=None)
+                state = _next(state, reservation=None)
         elif isinstance(d, Resize):
             state = _add_members(state, d.workload, d.added, now)
         elif isinstance(d, Reserve):
-            state = replace(state, reservation=Reservation(d.workload, d.nodes, now))
+            state = _next(state, reservation=Reservation(d.workload, d.nodes, now))
         elif isinstance(d, Unreserve):
-            state = replace(state, reservation=None)
+            state = _next(state, reservation=None)
         elif isinstance(d, RequestNodes):
-            state = replace(state, requests=state.requests + (NodeRequest(d.node_type, d.count, now),))
+            state = _next(state, requests=state.requests + (NodeRequest(d.node_type, d.count, now),))
         elif isinstance(d, ReleaseNodes):
             for name in d.nodes:
                 state = remove_node(state, name, now)
@@ -263,16 +308,16 @@ def apply(state: State, step: Step) -> State:
         for name, reason in step.reasons.items():
             if name in pending and pending[name].last_reason != reason:
                 pending[name] = replace(pending[name], last_reason=reason)
-        state = replace(state, pending=pending)
+        state = _next(state, pending=pending)
     return state
 
 
 def expire_requests(state: State, now: float) -> State:
     keep = tuple(r for r in state.requests if now - r.at < state.config.timeouts.node_request_s)
-    return state if keep == state.requests else replace(state, requests=keep)
+    return state if keep == state.requests else _next(state, requests=keep)
 
 
-def _with_nodes(state: State, changed: Dict[str, Node], now: float) -> Dict:
+def _with_nodes(state: State, changed: Dict[str, Node], now: float, **changes) -> State:
     nodes = {**state.nodes, **changed}
     idle = dict(state.idle_since)
     for name, node in changed.items():
@@ -280,7 +325,7 @@ def _with_nodes(state: State, changed: Dict[str, Node], now: float) -> Dict:
             idle.setdefault(name, now)
         else:
             idle.pop(name, None)
-    return dict(nodes=nodes, idle_since=idle)
+    return _next(state, changed, nodes=nodes, idle_since=idle, **changes)
 
 
 def _add_members(state: State, name: str, members: Tuple[Member, ...], now: float) -> State:
@@ -292,7 +337,7 @@ def _add_members(state: State, name: str, members: Tuple[Member, ...], now: floa
         changed[m.node] = allocate(node, shape, m.binding.gpu_indices)
     n = a.next_member + len(members)
     a = replace(a, members=a.members + tuple(members), next_member=n)
-    return replace(state, admitted={**state.admitted, name: a}, **_with_nodes(state, changed, now))
+    return _with_nodes(state, changed, now, admitted={**state.admitted, name: a})
 
 
 def _remove_members(state: State, name: str, ids: Tuple[str, ...], now: float) -> State:
@@ -305,7 +350,7 @@ def _remove_members(state: State, name: str, ids: Tuple[str, ...], now: float) -
             node = changed.get(m.node) or state.nodes[m.node]
             changed[m.node] = allocate(node, shape, m.binding.gpu_indices, sign=-1)
     a = replace(a, members=tuple(m for m in a.members if m.id not in gone))
-    return replace(state, admitted={**state.admitted, name: a}, **_with_nodes(state, changed, now))
+    return _with_nodes(state, changed, now, admitted={**state.admitted, name: a})
 
 
 def _evict(state: State, name: str, now: float, reason: str = "",
@@ -321,4 +366,4 @@ def _evict(state: State, name: str, now: float, reason: str = "",
         requeues = a.requeues + (1 if requeue is not None else 0)
         pending[name] = Pending(a.workload, a.submitted_at if requeue is None else now, requeues,
                                 requeue.retry_at if requeue is not None else 0.0, reason)
-    return replace(state, admitted=admitted, pending=pending, deactivated=deactivated)
+    return _next(state, admitted=admitted, pending=pending, deactivated=deactivated)

@@ -58,7 +58,7 @@ from .decisions import (Admit, Preempt, Release, ReleaseNodes, Requeue, RequestN
 from .fragmentation import WorkloadMix
 from .model import Binding, Shape, allocate, gpu_choice
 from .pool import PoolIndex
-from .state import State, describe
+from .state import Derived, State, derived, describe
 from .workload import ELASTIC, GANG, INFERENCE, SAME_NODE, SAME_ZONE, Admitted, Member, Workload
 
 LOOKAHEAD = 8  # BestEffortFIFO: workloads tried per queue per step
@@ -77,16 +77,6 @@ class _Request:
     def __init__(self, w: Workload, count: int, floor: int, admitted: Optional[Admitted] = None):
         # count members wanted, at least floor of them at once (floor == count: all or nothing)
         self.w, self.count, self.floor, self.admitted = w, count, floor, admitted
-
-
-def copy_index(pool: PoolIndex) -> PoolIndex:
-    new = object.__new__(PoolIndex)
-    new.__dict__.update(pool.__dict__)
-    for key, value in pool.__dict__.items():
-        if isinstance(value, np.ndarray):
-            new.__dict__[key] = value.copy()
-    new.nodes = list(pool.nodes)
-    return new
 
 
 class _FreestNow:
@@ -108,13 +98,14 @@ class _FreestNow:
 class _Pass:
     def __init__(self, state: State, now: float):
         self.s, self.now, self.cfg = state, now, state.config
-        self.pool = copy_index(_index(state))
+        d = derived(state)
+        self.pool = d.index.copy()
         self.usage = state.usage.copy()
-        mix = state.mix or _mix(state)
-        self.policy = placement.make(self.cfg.placement, seed=0, mix=mix) \
-            if self.cfg.placement in ("fgd", "ours") else placement.make(self.cfg.placement, seed=0)
-        self.flavor_mask = {name: np.array([f.matches(n) for n in self.pool.nodes], dtype=bool)
-                            for name, f in self.cfg.flavors.items()}
+        self.policy = _policy(state, d)
+        if d.masks is None:
+            d.masks = {name: np.array([f.matches(n) for n in self.pool.nodes], dtype=bool)
+                       for name, f in self.cfg.flavors.items()}
+        self.flavor_mask = d.masks
         self.members: Dict[str, List[Member]] = {k: list(a.members) for k, a in state.admitted.items()}
         self.evicted: set = set()
         self.added: Dict[str, List[Member]] = {}
@@ -221,6 +212,10 @@ class _Pass:
         while True:
             heads = []
             for q, reqs in lists.items():
+                # a top-up of a workload preempted earlier in this step is moot
+                while cursor[q] < len(reqs) and reqs[cursor[q]].admitted is not None \
+                        and reqs[cursor[q]].w.name in self.evicted:
+                    cursor[q] += 1
                 if q in blocked or cursor[q] >= len(reqs) or tried[q] >= LOOKAHEAD:
                     continue
                 r = reqs[cursor[q]]
@@ -591,7 +586,7 @@ class _Pass:
             self.freed += 1
 
     def _reservation_nodes(self, w: Workload, count: int, flavor: str) -> Optional[List[str]]:
-        view = copy_index(self.pool)
+        view = self.pool.copy()
         for name, members in self.members.items():
             if name in self.evicted:
                 continue
@@ -772,13 +767,19 @@ def _per_node(node, shape: Shape, limit: int) -> int:
     return n
 
 
-def _index(state: State) -> PoolIndex:
-    """The pool index of this state (built once per state object)."""
-    cached = state.__dict__.get("_index")
-    if cached is None:
-        cached = PoolIndex(state.nodes, seed=0)
-        state.__dict__["_index"] = cached
-    return cached
+def _policy(state: State, d: Derived):
+    """The placement policy. FGD and ours keep per-node score caches that hold for one pool
+    layout, so one policy object serves every state handed the same Derived (their scores are
+    a function of the node's state alone: the decisions stay those of a fresh policy). The
+    others are cheap and random draws must not depend on earlier steps: a fresh one each step."""
+    name = state.config.placement
+    if name not in ("fgd", "ours"):
+        return placement.make(name, seed=0)
+    mix = state.mix or _mix(state)
+    kept = d.memo.get(name)
+    if kept is None or kept[0] is not mix:
+        kept = d.memo[name] = (mix, placement.make(name, seed=0, mix=mix))
+    return kept[1]
 
 
 def _mix(state: State) -> WorkloadMix:
