@@ -189,4 +189,6 @@ def test_invariants_hold_after_every_decision(nodes, events, data):
                 state = set_replicas(state, names[event[1] % len(names)], event[2], now)
         check_nodes(state)
         check_quota(state)
+        # the queue order handed on from state to state is the one computed afresh
+        assert state.queue_order == dataclasses.replace(state).queue_order
     note_statistic(f"admitted at the end: {min(len(state.admitted), 5)}+")

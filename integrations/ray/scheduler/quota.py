@@ -46,6 +46,9 @@ class Usage:
     def __init__(self, config: Config, table: Optional[Dict[Tuple[str, str], List[int]]] = None):
         self.config = config
         self.table: Dict[Tuple[str, str], List[int]] = {k: list(v) for k, v in (table or {}).items()}
+        self.version = 0  # bumped by every change: what is computed from the usage may be kept
+        self._memo: Dict[tuple, Tuple[float, float]] = {}
+        self._memo_version = 0
 
     def copy(self) -> "Usage":
         return Usage(self.config, self.table)
@@ -55,6 +58,7 @@ class Usage:
 
     def change(self, queue: str, flavor: str, vector: Iterable[int], sign: int = 1) -> None:
         row = self.table.setdefault((queue, flavor), [0, 0, 0])
+        self.version += 1
         for k, v in enumerate(vector):
             row[k] += sign * v
 
@@ -75,6 +79,15 @@ class Usage:
     def pool(self, cohort: str, flavor: str, r: int, leave_out: str = "") -> Tuple[float, float]:
         """(lendable capacity, used by borrowers) of resource r of this flavor in the cohort;
         `leave_out` is the queue asking (its own usage is judged separately)."""
+        memo_key = (cohort, flavor, r, leave_out)
+        if self._memo_version != self.version:
+            self._memo, self._memo_version = {}, self.version
+        got = self._memo.get(memo_key)
+        if got is None:
+            got = self._memo[memo_key] = self._pool(cohort, flavor, r, leave_out)
+        return got
+
+    def _pool(self, cohort: str, flavor: str, r: int, leave_out: str) -> Tuple[float, float]:
         capacity = used = 0
         for q in self.config.cohort_members(cohort):
             quota = self._quota(q, flavor, r)

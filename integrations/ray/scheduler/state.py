@@ -6,6 +6,7 @@ started, a node added or lost, an endpoint asking for replicas) and what `step` 
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
@@ -47,16 +48,19 @@ class State:
         return (t["cpu_milli"], t["memory_mib"], t["gpu_milli"])
 
     @cached_property
-    def queue_order(self) -> Dict[str, Tuple[Pending, ...]]:
-        """Every queue's pending workloads in the order they are considered: higher priority
-        first, then first submitted."""
-        prio = self.config.priorities
-        out: Dict[str, List[Pending]] = {q: [] for q in self.config.queues}
-        for p in self.pending.values():
-            out[p.workload.queue].append(p)
-        return {q: tuple(sorted(ps, key=lambda p: (-prio[p.workload.klass], p.submitted_at,
-                                                   p.workload.name)))
-                for q, ps in out.items()}
+    def queue_order(self) -> Dict[str, Tuple[str, ...]]:
+        """Every queue's pending workloads (names) in the order they are considered: higher
+        priority first, then first submitted. Handed on from state to state with only the
+        changes applied (a queue may hold thousands)."""
+        out: Dict[str, List[str]] = {q: [] for q in self.config.queues}
+        for name, p in self.pending.items():
+            out[p.workload.queue].append(name)
+        key = self._order_key
+        return {q: tuple(sorted(names, key=key)) for q, names in out.items()}
+
+    def _order_key(self, name: str):
+        p = self.pending[name]
+        return (-self.config.priorities[p.workload.klass], p.submitted_at, name)
 
     def priority(self, w: Workload) -> int:
         return self.config.priorities[w.klass]
@@ -88,6 +92,9 @@ def _next(state: State, changed: Optional[Dict[str, Node]] = None, **changes) ->
     """`replace(state, **changes)`, handing on what was derived from its nodes (`changed`: nodes
     whose allocation changed, already in changes["nodes"])."""
     new = replace(state, **changes)
+    if "queue_order" in state.__dict__ and new.config is state.config:
+        new.__dict__["queue_order"] = _reorder(state, new) if "pending" in changes \
+            else state.queue_order
     d = state.__dict__.get("_derived")
     if d is not None and new.config is state.config:
         if changed:
@@ -97,6 +104,37 @@ def _next(state: State, changed: Optional[Dict[str, Node]] = None, **changes) ->
             d = Derived(index, d.masks, d.kinds, d.memo)
         new.__dict__["_derived"] = d
     return new
+
+
+def _reorder(old: State, new: State) -> Dict[str, Tuple[str, ...]]:
+    """`new.queue_order` from `old.queue_order` and what changed in between."""
+    was, now = old.pending, new.pending
+    gone = set(was.keys() - now.keys())
+    came = set(now.keys() - was.keys())
+    for name, p in now.items():
+        q = was.get(name)
+        if q is not None and q is not p and (
+                q.submitted_at != p.submitted_at or q.workload.klass != p.workload.klass
+                or q.workload.queue != p.workload.queue):
+            gone.add(name)
+            came.add(name)
+    order = dict(old.queue_order)
+    if not gone and not came:
+        return order
+    touched: Dict[str, List[str]] = {}
+    for name in gone:
+        queue = was[name].workload.queue
+        if queue not in touched:
+            touched[queue] = [n for n in order[queue] if n not in gone]
+    key = new._order_key
+    for name in sorted(came):
+        queue = now[name].workload.queue
+        if queue not in touched:
+            touched[queue] = [n for n in order[queue] if n not in gone]
+        bisect.insort(touched[queue], name, key=key)
+    for queue, names in touched.items():
+        order[queue] = tuple(names)
+    return order
 
 
 def _empty(node: Node) -> bool:

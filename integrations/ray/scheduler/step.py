@@ -13,7 +13,9 @@ What one step considers, in this order:
    dominant resource share (Dominant Resource Fairness), then the first submitted; after each
    attempt the heads are ordered again. A head that cannot be admitted blocks a StrictFIFO
    queue for the rest of the step; in a BestEffortFIFO queue the next workload becomes the head,
-   up to LOOKAHEAD workloads per queue per step.
+   up to LOOKAHEAD workloads per queue per step, but only to be admitted where it fits: once a
+   queue's head failed in this step, the ones after it do not preempt (one failed preemption
+   search per queue per step, as Kueue tries one head per queue per cycle).
    A head is admitted in the first of its queue's flavors where its quota fits and its members
    can be placed (an elastic job at its min size, an endpoint at up to the replicas it asks
    for, a gang whole). If none, preemption is tried flavor by flavor:
@@ -44,6 +46,7 @@ Every pending workload gets a reason: the one its attempt met, or why it was not
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -77,6 +80,35 @@ class _Request:
     def __init__(self, w: Workload, count: int, floor: int, admitted: Optional[Admitted] = None):
         # count members wanted, at least floor of them at once (floor == count: all or nothing)
         self.w, self.count, self.floor, self.admitted = w, count, floor, admitted
+
+
+class _Line:
+    """A queue's line in one step: its top-ups, then its pending workloads in order, made into
+    requests only as far as the step gets (a queue may hold thousands)."""
+
+    def __init__(self, owner: "_Pass", topups: List[_Request], pendings):
+        self.owner, self.items, self.pendings, self.next = owner, topups, pendings, 0
+
+    def at(self, i: int) -> Optional[_Request]:
+        while len(self.items) <= i and self.next < len(self.pendings):
+            p = self.owner.s.pending[self.pendings[self.next]]
+            self.next += 1
+            if self.owner._backing_off(p):
+                continue
+            w = p.workload
+            self.items.append(_Request(w, w.max_size if w.kind == INFERENCE else w.min_size,
+                                       w.min_size))
+        return self.items[i] if i < len(self.items) else None
+
+    def rest(self, i: int):
+        """Names of the pending workloads from position i on that the step did not reach."""
+        for r in self.items[i:]:
+            if r.admitted is None:
+                yield r.w.name
+        pending = self.owner.s.pending
+        for name in self.pendings[self.next:]:
+            if not self.owner._backing_off(pending[name]):
+                yield name
 
 
 class _FreestNow:
@@ -117,6 +149,9 @@ class _Pass:
         self.short_of_room: List[Tuple[_Request, List[str]]] = []  # (request, flavors)
         self.freed = 0
         self.failed: Dict[tuple, bool] = {}
+        self._vindex = None
+        self._shares: Dict[str, Tuple[int, float]] = {}
+        self._vflavors: Dict[str, frozenset] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -131,7 +166,11 @@ class _Pass:
         return self.cfg.priorities[w.klass]
 
     def share(self, queue: str) -> float:
-        return quota.dominant_share(self.usage, queue, self.s.capacity)
+        kept = self._shares.get(queue)
+        if kept is None or kept[0] != self.usage.version:
+            kept = self._shares[queue] = (self.usage.version,
+                                          quota.dominant_share(self.usage, queue, self.s.capacity))
+        return kept[1]
 
     def workload(self, name: str) -> Workload:
         return self.s.admitted[name].workload if name in self.s.admitted else self.s.pending[name].workload
@@ -178,72 +217,71 @@ class _Pass:
 
     # -- heads -----------------------------------------------------------------------------------
 
-    def _queue_lists(self) -> Dict[str, List[_Request]]:
-        out: Dict[str, List[_Request]] = {}
+    def _queue_lists(self) -> Dict[str, "_Line"]:
+        topups: Dict[str, List[_Request]] = {}
+        for name, a in self.s.admitted.items():
+            w = a.workload
+            size = len(self.members[name])
+            if w.kind == INFERENCE and size < w.max_size:
+                topups.setdefault(w.queue, []).append(_Request(w, w.max_size - size, 1, a))
+            elif w.kind == ELASTIC and size < w.min_size:
+                topups.setdefault(w.queue, []).append(
+                    _Request(w, w.min_size - size, w.min_size - size, a))
+        out: Dict[str, _Line] = {}
         for qname, pendings in self.s.queue_order.items():
-            reqs: List[_Request] = []
-            for name, a in self.s.admitted.items():
-                w = a.workload
-                if w.queue != qname or name in self.evicted:
-                    continue
-                size = len(self.members[name])
-                if w.kind == INFERENCE and size < w.max_size:
-                    reqs.append(_Request(w, w.max_size - size, 1, a))
-                elif w.kind == ELASTIC and size < w.min_size:
-                    reqs.append(_Request(w, w.min_size - size, w.min_size - size, a))
-            reqs.sort(key=lambda r: (-self.prio(r.w), r.admitted.admitted_at, r.w.name))
-            for p in pendings:
-                if p.retry_at > self.now:
-                    self.reasons[p.workload.name] = (
-                        f"backing off after {p.requeues} requeue(s) ({p.last_reason}); "
-                        f"back in the queue at t={p.retry_at:g}")
-                    continue
-                w = p.workload
-                reqs.append(_Request(w, w.max_size if w.kind == INFERENCE else w.min_size,
-                                     w.min_size))
-            out[qname] = reqs
+            reqs = sorted(topups.get(qname, ()),
+                          key=lambda r: (-self.prio(r.w), r.admitted.admitted_at, r.w.name))
+            out[qname] = _Line(self, reqs, pendings)
         return out
 
+    def _backing_off(self, p) -> bool:
+        if p.retry_at <= self.now:
+            return False
+        self.reasons[p.workload.name] = (
+            f"backing off after {p.requeues} requeue(s) ({p.last_reason}); "
+            f"back in the queue at t={p.retry_at:g}")
+        return True
+
     def admit_heads(self) -> None:
-        lists = self._queue_lists()
-        cursor = {q: 0 for q in lists}
-        tried = {q: 0 for q in lists}
+        lines = self._queue_lists()
+        cursor = {q: 0 for q in lines}
+        tried = {q: 0 for q in lines}
         blocked: Dict[str, str] = {}  # queue -> the head that blocks it (StrictFIFO)
         while True:
             heads = []
-            for q, reqs in lists.items():
-                # a top-up of a workload preempted earlier in this step is moot
-                while cursor[q] < len(reqs) and reqs[cursor[q]].admitted is not None \
-                        and reqs[cursor[q]].w.name in self.evicted:
-                    cursor[q] += 1
-                if q in blocked or cursor[q] >= len(reqs) or tried[q] >= LOOKAHEAD:
+            for q, line in lines.items():
+                if q in blocked or tried[q] >= LOOKAHEAD:
                     continue
-                r = reqs[cursor[q]]
+                # a top-up of a workload preempted earlier in this step is moot
+                r = line.at(cursor[q])
+                while r is not None and r.admitted is not None and r.w.name in self.evicted:
+                    cursor[q] += 1
+                    r = line.at(cursor[q])
+                if r is None:
+                    continue
                 heads.append((-self.prio(r.w), r.admitted is None, self.share(q),
                               self.s.pending[r.w.name].submitted_at if r.admitted is None
                               else r.admitted.admitted_at, r.w.name, q))
             if not heads:
                 break
             *_, q = min(heads)
-            r = lists[q][cursor[q]]
+            r = lines[q].at(cursor[q])
             cursor[q] += 1
-            ok = self.try_request(r)
+            ok = self.try_request(r, preempt=tried[q] == 0)
             if not ok:
                 tried[q] += 1
                 if self.cfg.queues[q].strategy == STRICT_FIFO:
                     blocked[q] = r.w.name
-        for q, reqs in lists.items():
-            for r in reqs[cursor[q]:]:
-                if r.admitted is not None:
-                    continue
-                if q in blocked:
-                    self.reasons[r.w.name] = f"waiting behind {blocked[q]} in StrictFIFO queue {q}"
-                else:
-                    self.reasons[r.w.name] = (
-                        f"not considered this step: {tried[q]} workload(s) ahead in queue {q} "
-                        f"could not be admitted")
+        for q, line in lines.items():
+            if q in blocked:
+                why = f"waiting behind {blocked[q]} in StrictFIFO queue {q}"
+            else:
+                why = (f"not considered this step: {tried[q]} workload(s) ahead in queue {q} "
+                       f"could not be admitted")
+            for name in line.rest(cursor[q]):
+                self.reasons[name] = why
 
-    def try_request(self, r: _Request) -> bool:
+    def try_request(self, r: _Request, preempt: bool = True) -> bool:
         w = r.w
         queue = self.cfg.queues[w.queue]
         flavors = [r.admitted.flavor] if r.admitted is not None else [qf.flavor for qf in queue.flavors]
@@ -260,6 +298,9 @@ class _Pass:
                 return True
         # ... then with preemption.
         for flavor in flavors:
+            if not preempt:
+                why.append(f"it may preempt only when first in queue {w.queue}'s line")
+                break
             if self.flavor_mask[flavor].any() and self._preempt_for(r, flavor, why):
                 return True
         if r.admitted is None and room_short:
@@ -312,8 +353,10 @@ class _Pass:
     # -- placement -------------------------------------------------------------------------------
 
     def _place(self, w: Workload, count: int, flavor: str,
-               allow_reserved: Optional[bool] = None) -> Optional[List[Binding]]:
-        """Place `count` members (all or none); they stay bound in the pool."""
+               allow_reserved: Optional[bool] = None,
+               only: Optional[np.ndarray] = None) -> Optional[List[Binding]]:
+        """Place `count` members (all or none); they stay bound in the pool. `only`: for a
+        same-node gang, the nodes to try (the others are known not to hold it)."""
         if allow_reserved is None:
             allow_reserved = self.holds_reservation(w)
         key = (w.shape, count, w.constraint, flavor, allow_reserved, self.freed)
@@ -322,7 +365,13 @@ class _Pass:
         mask = self.flavor_mask[flavor].copy()
         if not allow_reserved:
             mask &= ~self.reserved
+        mask &= self._could_hold(w, count)
+        if only is not None and w.constraint == SAME_NODE:
+            mask &= only
         out = None
+        if not mask.any():
+            self.failed[key] = True
+            return None
         if w.constraint == SAME_ZONE:
             zones = {}
             for i in np.flatnonzero(mask):
@@ -355,6 +404,29 @@ class _Pass:
         if out is None:
             self.failed[key] = True
         return out
+
+    def _could_hold(self, w: Workload, count: int) -> np.ndarray:
+        """Nodes worth trying: ones that take a member now, and only if all the room there
+        (on one node for a same-node gang) could take `count` of them. A quick necessary
+        condition that spares placement attempts (many, while preemption takes victims one by
+        one) that cannot succeed; an empty mask when the pool as a whole cannot."""
+        shape, pool = w.shape, self.pool
+        nodes, fits = pool.feasible(shape)
+        if fits is None:
+            gpu = None
+        elif shape.gpus:
+            gpu, need = fits.sum(axis=1), shape.gpus
+        else:
+            gpu, need = np.where(fits, pool.gpu_free, 0).sum(axis=1), shape.gpu_milli
+        if w.constraint == SAME_NODE:
+            nodes = nodes & (pool.cpu_free >= count * shape.cpu_milli) \
+                & (pool.mem_free >= count * shape.memory_mib)
+            return nodes if gpu is None else nodes & (gpu >= count * need)
+        if int(pool.cpu_free[nodes].sum()) < count * shape.cpu_milli \
+                or int(pool.mem_free[nodes].sum()) < count * shape.memory_mib \
+                or (gpu is not None and int(gpu[nodes].sum()) < count * need):
+            return np.zeros_like(nodes)
+        return nodes
 
     def _place_all(self, shape: Shape, count: int, mask: np.ndarray,
                    policy=None, pool: Optional[PoolIndex] = None) -> Optional[List[Binding]]:
@@ -439,26 +511,36 @@ class _Pass:
         reclaiming = queue.cohort is not None and quota.within_nominal(
             self.usage, queue, flavor, self._want(r, r.floor))
         cohort = set(self.cfg.cohort_members(queue.cohort)) if reclaiming else set()
-        flavor_rows = self.flavor_mask[flavor]
         shrink, evict = [], []
-        for name, members in self.members.items():
-            if name == w.name or name in self.evicted or not members or name not in self.s.admitted:
-                continue  # (work admitted in this step is not preempted in it)
-            v = self.workload(name)
-            vp = self.prio(v)
-            reclaim = v.queue in cohort and v.queue != w.queue and self.usage.borrowing(v.queue)
-            if over_quota:
-                if v.queue != w.queue and not reclaim:
-                    continue
-            elif not any(flavor_rows[self.pool.pos[m.node]] for m in members if m.node in self.pool.pos):
+        by_prio, prios, by_queue, grown = self._victim_index()
+        borrowing = {q for q in cohort if q != w.queue and self.usage.borrowing(q)}
+        lending = [rec for q in borrowing for rec in by_queue.get(q, ())]
+        if over_quota:  # only its own queue's work, and what the cohort borrowed
+            scan = list(by_queue.get(w.queue, ())) + lending
+        else:  # lower priority, elastic growth, and what the cohort borrowed
+            scan = by_prio[:bisect.bisect_left(prios, p)] + grown + lending
+        seen = set()
+        for vp, name, v in scan:
+            members = self.members[name]
+            if name in seen or name == w.name or name in self.evicted or not members:
                 continue
-            added_now = {m.id for m in self.added.get(name, ())}
-            pool_members = [m for m in members if m.id not in added_now]
+            seen.add(name)
+            reclaim = v.queue in borrowing
             # What an elastic job grew into above its min is idle capacity it borrowed: any
             # waiting work takes it back. An endpoint's replicas and whole workloads go only to
             # higher priority (or back to the queue whose quota they borrowed).
-            if v.resizable and len(members) > v.min_size and (
-                    vp < p or reclaim or v.kind == ELASTIC):
+            can_shrink = v.resizable and len(members) > v.min_size and (
+                vp < p or reclaim or v.kind == ELASTIC)
+            if not (can_shrink or vp < p or reclaim):
+                continue
+            if over_quota:
+                if v.queue != w.queue and not reclaim:
+                    continue
+            elif flavor not in self._flavors_of(name):
+                continue
+            if can_shrink:
+                added_now = {m.id for m in self.added.get(name, ())}
+                pool_members = [m for m in members if m.id not in added_now]
                 extra = victim_rule.leavers(pool_members[1:], len(members) - v.min_size,
                                             spot=lambda m: m.spot, joined_at=lambda m: m.joined_at,
                                             key=lambda m: f"{_ordinal(m.id):012d}")
@@ -471,6 +553,32 @@ class _Pass:
         shrink.sort(key=lambda x: x[0])
         evict.sort(key=lambda x: x[0])
         return [c for _, c in shrink] + [c for _, c in evict]
+
+    def _flavors_of(self, name: str) -> frozenset:
+        """The flavors whose nodes hold a member of this workload (as admitted before the
+        step), once per pass."""
+        got = self._vflavors.get(name)
+        if got is None:
+            rows = [self.pool.pos[m.node] for m in self.s.admitted[name].members
+                    if m.node in self.pool.pos]
+            got = self._vflavors[name] = frozenset(
+                f for f, mask in self.flavor_mask.items() if mask[rows].any())
+        return got
+
+    def _victim_index(self):
+        """The workloads admitted before this step (only they can be victims), once per pass:
+        by priority (ascending, with the priorities for bisecting), by queue, and the elastic
+        jobs above their min; `_candidates` scans only the parts that can hold victims."""
+        if self._vindex is None:
+            recs = sorted(((self.prio(a.workload), name, a.workload)
+                           for name, a in self.s.admitted.items()), key=lambda x: (x[0], x[1]))
+            by_queue: Dict[str, list] = {}
+            for rec in recs:
+                by_queue.setdefault(rec[2].queue, []).append(rec)
+            self._vindex = (recs, [x[0] for x in recs], by_queue,
+                            [rec for rec in recs if rec[2].kind == ELASTIC
+                             and len(self.members[rec[1]]) > rec[2].min_size])
+        return self._vindex
 
     def _take(self, victim) -> List[Member]:
         kind, name, member = victim
@@ -500,15 +608,30 @@ class _Pass:
             return False
         taken: List[Tuple[tuple, List[Member]]] = []
         bindings = None
+        tried = False  # a placement was attempted (and failed) since the pool last changed...
+        touched = np.zeros(len(self.pool), dtype=bool)  # ...except on these nodes
         for victim in candidates:
             got = self._take(victim)
             if not got:
                 continue
             taken.append((victim, got))
-            if quota.fits(self.usage, queue, flavor, self._want(r, count)) is None:
+            for m in got:
+                if m.node in self.pool.pos:
+                    touched[self.pool.pos[m.node]] = True
+            if quota.fits(self.usage, queue, flavor, self._want(r, count)) is not None:
+                continue
+            if tried:
+                # Placement failed with only the touched nodes different: it can succeed now
+                # only if one of them takes a member (a same-node gang: only there).
+                if not (self.pool.feasible(r.w.shape)[0] & touched).any():
+                    continue
+                bindings = self._place(r.w, count, flavor, only=touched)
+            else:
                 bindings = self._place(r.w, count, flavor)
-                if bindings is not None:
-                    break
+            if bindings is not None:
+                break
+            tried = True
+            touched[:] = False
         if bindings is None:
             for victim, got in reversed(taken):
                 self._give(victim, got)
