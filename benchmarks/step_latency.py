@@ -131,6 +131,8 @@ def run(placement: str, nodes, shapes, args):
         result = step(state, now)
         state = apply(state, result)
         settle += 1
+        if args.verbose:
+            print(f"  settle {settle}: {len(result.decisions)} decisions", flush=True)
         if len(result.decisions) <= SETTLED:
             break
     fill_s = time.perf_counter() - fill_start
@@ -149,6 +151,11 @@ def run(placement: str, nodes, shapes, args):
         t1 = time.perf_counter()
         state = apply(state, result)
         t2 = time.perf_counter()
+        if args.verbose:
+            kinds: dict = {}
+            for d in result.decisions:
+                kinds[type(d).__name__] = kinds.get(type(d).__name__, 0) + 1
+            print(f"  step {len(times)}: {1000 * (t1 - t0):.0f} ms, {kinds}", flush=True)
         times.append(t1 - t0)
         apply_times.append(t2 - t1)
         decisions += len(result.decisions)
@@ -172,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--placements", default="best_fit,fgd,ours")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--settle", type=int, default=50, help="most steps to let the pool settle")
+    ap.add_argument("--verbose", action="store_true", help="print every step's decisions")
     args = ap.parse_args(argv)
     nodes, shapes = trace.load_nodes(), trace.load_pods()
     print(f"openb GPU nodes: {len(nodes)}, GPUs: {sum(len(n.gpus) for n in nodes)}; "

@@ -35,7 +35,8 @@ What one step considers, in this order:
 3. **Growth.** Admitted elastic jobs below their max size grow into idle capacity outside the
    reservation, one member at a time, to the job whose queue has the smallest dominant share,
    then where one more member adds the most throughput; a member is added only when it brings
-   at least GROWTH_MIN_EFFICIENCY of what one member alone does. No job grows while work of its
+   at least GROWTH_MIN_EFFICIENCY of what one member alone does (on average over the next
+   GROWTH_LOOKAHEAD members: a dip at a node boundary does not stop growth that pays off). No job grows while work of its
    priority or higher waits for room without a reservation.
 4. **Nodes.** With node types configured, RequestNodes for heads short of room (what their
    members need on empty nodes of the first type that holds them, less what is already asked
@@ -66,6 +67,7 @@ from .workload import ELASTIC, GANG, INFERENCE, SAME_NODE, SAME_ZONE, Admitted, 
 
 LOOKAHEAD = 8  # BestEffortFIFO: workloads tried per queue per step
 GROWTH_MIN_EFFICIENCY = 0.5  # a member is added when it brings this much of one member's speed
+GROWTH_LOOKAHEAD = 4  # ... on average over the next this many members (see _gain)
 FILL_BACK_LIMIT = 32  # victims beyond this are not offered back (each offer is a placement)
 
 
@@ -780,12 +782,11 @@ class _Pass:
         while cands:
             def order(name):
                 w, n = cands[name], len(self.members[name])
-                gain = (w.speed(n + 1) - w.speed(n)) / w.speed(1)
-                return (-self.prio(w), self.share(w.queue), -gain, n, name)
+                return (-self.prio(w), self.share(w.queue), -_gain(w, n), n, name)
             name = min(cands, key=order)
             w, n = cands[name], len(self.members[name])
             flavor = self.flavor_of(name)
-            if (w.speed(n + 1) - w.speed(n)) / w.speed(1) < GROWTH_MIN_EFFICIENCY \
+            if _gain(w, n) < GROWTH_MIN_EFFICIENCY \
                     or quota.fits(self.usage, self.cfg.queues[w.queue], flavor, quota.demand(w.shape)) is not None:
                 del cands[name]
                 continue
@@ -865,6 +866,15 @@ class _Pass:
 class _Held:
     def __init__(self, workload: str, nodes: Tuple[str, ...]):
         self.workload, self.nodes = workload, nodes
+
+
+def _gain(w: Workload, n: int) -> float:
+    """What one more member of an elastic job at n members brings, in members' worth of
+    speed at one: the best average over the next GROWTH_LOOKAHEAD members, so a dip in the
+    measured curve (the first member on a new node) does not stop growth that pays off."""
+    base, one = w.speed(n), w.speed(1)
+    return max((w.speed(n + k) - base) / k / one
+               for k in range(1, min(GROWTH_LOOKAHEAD, w.max_size - n) + 1))
 
 
 def _ordinal(member_id: str) -> int:
