@@ -514,3 +514,23 @@ def test_a_lost_node_sends_a_gang_back_and_shrinks_an_elastic_job():
     state = remove_node(state, lost, 3)
     assert "g" in state.pending
     assert all(m.node != lost for m in state.admitted["e"].members)
+
+
+def test_the_readme_scheduler_configuration_loads_and_admits(tmp_path):
+    """The README's queue file is valid, and its example admits an elastic job and grows it."""
+    from pathlib import Path
+
+    from integrations.ray.scheduler import load
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("## A shared pool"):]
+    block = block[:block.index("and the scheduler decides")]
+    path = tmp_path / "queues.yaml"
+    path.write_text("\n".join(line[4:] for line in block.splitlines() if line.startswith("    ")))
+    config = load(str(path))
+    assert config.queues["team-a"].cohort == "research"
+    nodes = [Node(f"n{i}", 64000, 512 * 1024, tuple(Gpu("A100", 81920) for _ in range(8)),
+                  {"capacity-type": "spot" if i % 2 else "on-demand"}) for i in range(4)]
+    state = submit(State.of(config, nodes), Workload.elastic(
+        "bert", 2, 16, Shape(gpus=1, cpu_milli=8000), queue="team-a"), now=0)
+    state = apply(state, step(state, now=1))
+    assert state.admitted["bert"].flavor == "a100" and state.admitted["bert"].size == 16
