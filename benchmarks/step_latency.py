@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fgd_trace as trace  # noqa: E402
-from integrations.ray.scheduler import State, Workload, apply, finish, parse, step, submit  # noqa: E402
+from integrations.ray.scheduler import (Admit, State, Workload, apply, finish, mark_ready,  # noqa: E402
+                                        parse, step, submit)
 from integrations.ray.scheduler.fragmentation import WorkloadMix  # noqa: E402
 from integrations.ray.scheduler.model import Shape  # noqa: E402
 
@@ -106,6 +107,15 @@ def submit_some(state, source: Source, count: int, now: float):
     return state
 
 
+def carry_out(state, result):
+    """What the binding does with a step: apply it, and the admitted members start."""
+    state = apply(state, result)
+    for d in result.decisions:
+        if isinstance(d, Admit):
+            state = mark_ready(state, d.workload)
+    return state
+
+
 def run(placement: str, nodes, shapes, args):
     config = make_config(nodes, args.queues, placement)
     mix = WorkloadMix.from_shapes(shapes)
@@ -119,8 +129,8 @@ def run(placement: str, nodes, shapes, args):
         state = submit_some(state, source, 300, now)
         now += 1
         result = step(state, now)
-        state = apply(state, result)
-        admitted = sum(1 for d in result.decisions if type(d).__name__ == "Admit")
+        state = carry_out(state, result)
+        admitted = sum(1 for d in result.decisions if isinstance(d, Admit))
         if admitted == 0:
             break
     # settle: with the queues full, steps admit by priority and preemption until little changes
@@ -129,7 +139,7 @@ def run(placement: str, nodes, shapes, args):
         state = submit_some(state, source, max(0, args.pending - len(state.pending)), now)
         now += 1
         result = step(state, now)
-        state = apply(state, result)
+        state = carry_out(state, result)
         settle += 1
         if args.verbose:
             print(f"  settle {settle}: {len(result.decisions)} decisions", flush=True)
@@ -149,7 +159,7 @@ def run(placement: str, nodes, shapes, args):
         t0 = time.perf_counter()
         result = step(state, now)
         t1 = time.perf_counter()
-        state = apply(state, result)
+        state = carry_out(state, result)
         t2 = time.perf_counter()
         if args.verbose:
             kinds: dict = {}
