@@ -25,8 +25,10 @@ reservation for each; every pending workload still gets a reason.
 There is no anchor to run here (Kueue needs a Kubernetes API server); the issue's bar is an
 absolute one: p99 <= 100 ms. The placements are compared side by side in one run.
 
-Results (2 cores, CPU only, Python 3.11, seed 1): see the closing note of the issue and
-docs/design.md; rerun for your machine.
+Results (2 cores, CPU only, Python 3.11, seed 1, `--placements best_fit --steps 200`, partly
+beside another benchmark): p50 79 ms, p99 195 ms, max 239 ms, apply 18 ms, 5.7 decisions per
+step, 91.6% of the GPUs allocated; 15 steps on a quieter machine: p50 38 ms, p99 97 ms. The
+bar is not met robustly yet. The fill and settle take ~3 minutes per placement.
 """
 from __future__ import annotations
 
