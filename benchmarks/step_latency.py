@@ -25,14 +25,16 @@ reservation for each; every pending workload still gets a reason.
 There is no anchor to run here (Kueue needs a Kubernetes API server); the issue's bar is an
 absolute one: p99 <= 100 ms. The placements are compared side by side in one run.
 
-Results (2 cores, CPU only, Python 3.11, seed 1, `--placements best_fit --steps 200`, partly
-beside another benchmark): p50 79 ms, p99 195 ms, max 239 ms, apply 18 ms, 5.7 decisions per
-step, 91.6% of the GPUs allocated; 15 steps on a quieter machine: p50 38 ms, p99 97 ms. The
-bar is not met robustly yet. The fill and settle take ~3 minutes per placement.
+Results (2 cores, CPU only, Python 3.11, seed 1, `--placements best_fit --steps 100`: 50 steps
+in each GC mode, alternating blocks of 10): GC as it comes p50 29 ms, p99 83 ms, max 94 ms;
+loaded state frozen p50 30 ms, p99 68 ms; apply 22 ms; 6.5 decisions per step; 91.4% of the GPUs
+allocated. The fill and settle take ~3 minutes per placement; fgd and ours were not measured at
+this scale yet.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -50,6 +52,7 @@ from integrations.ray.scheduler.model import Shape  # noqa: E402
 
 
 SETTLED = 20  # a step with at most this many decisions: the pool has settled
+GC_BLOCK = 10  # measured steps per block of one GC mode
 
 
 def make_config(nodes, queues: int, placement: str):
@@ -150,8 +153,15 @@ def run(placement: str, nodes, shapes, args):
     fill_s = time.perf_counter() - fill_start
     state = submit_some(state, source, max(0, args.pending - len(state.pending)), now)
     gpu_total = sum(len(n.gpus) for n in nodes) * 1000
-    times, apply_times, decisions = [], [], 0
-    for _ in range(args.steps):
+    times: dict = {"default": [], "frozen": []}
+    apply_times, decisions = [], 0
+    for k in range(args.steps):
+        # Python's GC, A B A B in blocks of GC_BLOCK steps: as it comes ("default"), and with
+        # what exists frozen out of the collector ("frozen": gc.freeze(), what a long-running
+        # controller does after loading its state). The default is the fair figure.
+        mode = "default" if (k // GC_BLOCK) % 2 == 0 else "frozen"
+        if k % GC_BLOCK == 0:
+            gc.unfreeze() if mode == "default" else gc.freeze()
         now += 10
         ended = sorted(state.admitted)
         k = int(rng.integers(1, 6))
@@ -167,20 +177,24 @@ def run(placement: str, nodes, shapes, args):
             kinds: dict = {}
             for d in result.decisions:
                 kinds[type(d).__name__] = kinds.get(type(d).__name__, 0) + 1
-            print(f"  step {len(times)}: {1000 * (t1 - t0):.0f} ms, {kinds}", flush=True)
-        times.append(t1 - t0)
+            print(f"  step {k} ({mode} GC): {1000 * (t1 - t0):.0f} ms, {kinds}", flush=True)
+        times[mode].append(t1 - t0)
         apply_times.append(t2 - t1)
         decisions += len(result.decisions)
         assert set(result.reasons) >= set(state.pending) - {d.workload for d in result.decisions
                                                            if hasattr(d, "workload")}
+    gc.unfreeze()
     used = gpu_total - sum(sum(g.free_milli for g in n.gpus) for n in state.nodes.values())
-    ms = np.array(times) * 1000
-    return {"placement": placement, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
-            "apply_p50": float(np.percentile(np.array(apply_times) * 1000, 50)),
-            "pending": len(state.pending), "admitted": len(state.admitted),
-            "gpu_alloc": 100.0 * used / gpu_total, "decisions": decisions / len(times),
-            "fill_s": fill_s}
+    out = {}
+    for mode, values in times.items():
+        ms = np.array(values) * 1000
+        out[mode] = {"placement": placement, "p50": float(np.percentile(ms, 50)),
+                     "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+                     "apply_p50": float(np.percentile(np.array(apply_times) * 1000, 50)),
+                     "pending": len(state.pending), "admitted": len(state.admitted),
+                     "gpu_alloc": 100.0 * used / gpu_total, "decisions": decisions / args.steps,
+                     "fill_s": fill_s}
+    return out
 
 
 def main(argv=None) -> int:
@@ -196,17 +210,19 @@ def main(argv=None) -> int:
     nodes, shapes = trace.load_nodes(), trace.load_pods()
     print(f"openb GPU nodes: {len(nodes)}, GPUs: {sum(len(n.gpus) for n in nodes)}; "
           f"{args.pending} pending in {args.queues} queues; {args.steps} measured steps")
-    print(f"{'placement':<10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'apply ms':>9} "
+    print(f"{'placement':<10} {'GC':<8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'apply ms':>9} "
           f"{'pending':>8} {'admitted':>9} {'GPU alloc':>10} {'decisions/step':>15} {'fill s':>7}")
-    worst = 0.0
+    worst = {"default": 0.0, "frozen": 0.0}
     for placement in args.placements.split(","):
-        r = run(placement, nodes, shapes, args)
-        worst = max(worst, r["p99"])
-        print(f"{r['placement']:<10} {r['p50']:8.1f} {r['p99']:8.1f} {r['max']:8.1f} "
-              f"{r['apply_p50']:9.1f} {r['pending']:8d} {r['admitted']:9d} "
-              f"{r['gpu_alloc']:9.1f}% {r['decisions']:15.1f} {r['fill_s']:7.1f}", flush=True)
-    print(f"summary: step() p99 {worst:.1f} ms at {args.pending} pending in {args.queues} queues "
-          f"(target <= 100 ms): {'met' if worst <= 100 else 'NOT met'}")
+        for mode, r in run(placement, nodes, shapes, args).items():
+            worst[mode] = max(worst[mode], r["p99"])
+            print(f"{r['placement']:<10} {mode:<8} {r['p50']:8.1f} {r['p99']:8.1f} {r['max']:8.1f} "
+                  f"{r['apply_p50']:9.1f} {r['pending']:8d} {r['admitted']:9d} "
+                  f"{r['gpu_alloc']:9.1f}% {r['decisions']:15.1f} {r['fill_s']:7.1f}", flush=True)
+    print(f"summary: step() p99 {worst['default']:.1f} ms with Python's GC as it comes, "
+          f"{worst['frozen']:.1f} ms with the loaded state frozen out of it, at {args.pending} "
+          f"pending in {args.queues} queues (target <= 100 ms): "
+          f"{'met' if worst['default'] <= 100 else 'NOT met'}")
     return 0
 
 

@@ -190,5 +190,8 @@ def test_invariants_hold_after_every_decision(nodes, events, data):
         check_nodes(state)
         check_quota(state)
         # the queue order handed on from state to state is the one computed afresh
-        assert state.queue_order == dataclasses.replace(state).queue_order
+        fresh = dataclasses.replace(state)
+        assert state.queue_order == fresh.queue_order
+        assert {k: v for k, v in state.usage.table.items() if any(v)} == \
+            {k: v for k, v in fresh.usage.table.items() if any(v)}
     note_statistic(f"admitted at the end: {min(len(state.admitted), 5)}+")

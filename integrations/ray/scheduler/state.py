@@ -92,6 +92,8 @@ def _next(state: State, changed: Optional[Dict[str, Node]] = None, **changes) ->
     """`replace(state, **changes)`, handing on what was derived from its nodes (`changed`: nodes
     whose allocation changed, already in changes["nodes"])."""
     new = replace(state, **changes)
+    if "usage" in state.__dict__ and new.config is state.config:
+        new.__dict__["usage"] = _reuse(state, new) if "admitted" in changes else state.usage
     if "queue_order" in state.__dict__ and new.config is state.config:
         new.__dict__["queue_order"] = _reorder(state, new) if "pending" in changes \
             else state.queue_order
@@ -104,6 +106,19 @@ def _next(state: State, changed: Optional[Dict[str, Node]] = None, **changes) ->
             d = Derived(index, d.masks, d.kinds, d.memo)
         new.__dict__["_derived"] = d
     return new
+
+
+def _reuse(old: State, new: State) -> quota.Usage:
+    """`new.usage` from `old.usage` and the admitted workloads that changed in between."""
+    usage = old.usage.copy()
+    was, now = old.admitted, new.admitted
+    for name, a in was.items():
+        if now.get(name) is not a:
+            usage.change(a.workload.queue, a.flavor, quota.demand(a.workload.shape, a.size), -1)
+    for name, a in now.items():
+        if was.get(name) is not a:
+            usage.change(a.workload.queue, a.flavor, quota.demand(a.workload.shape, a.size))
+    return usage
 
 
 def _reorder(old: State, new: State) -> Dict[str, Tuple[str, ...]]:

@@ -572,8 +572,8 @@ class _Pass:
         by priority (ascending, with the priorities for bisecting), by queue, and the elastic
         jobs above their min; `_candidates` scans only the parts that can hold victims."""
         if self._vindex is None:
-            recs = sorted(((self.prio(a.workload), name, a.workload)
-                           for name, a in self.s.admitted.items()), key=lambda x: (x[0], x[1]))
+            recs = sorted((self.prio(a.workload), name, a.workload)  # names are unique: the
+                          for name, a in self.s.admitted.items())  # workloads never compared
             by_queue: Dict[str, list] = {}
             for rec in recs:
                 by_queue.setdefault(rec[2].queue, []).append(rec)
