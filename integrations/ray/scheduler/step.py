@@ -36,8 +36,8 @@ What one step considers, in this order:
    reservation, one member at a time, to the job whose queue has the smallest dominant share,
    then where one more member adds the most throughput; a member is added only when it brings
    at least GROWTH_MIN_EFFICIENCY of what one member alone does (on average over the next
-   GROWTH_LOOKAHEAD members: a dip at a node boundary does not stop growth that pays off). No job grows while work of its
-   priority or higher waits for room without a reservation.
+   GROWTH_LOOKAHEAD members: a dip at a node boundary does not stop growth that pays off).
+   No job grows while work of its priority or higher waits for room without a reservation.
 4. **Nodes.** With node types configured, RequestNodes for heads short of room (what their
    members need on empty nodes of the first type that holds them, less what is already asked
    for, within the type's max), and ReleaseNodes for added nodes idle past `node_idle_s` (spot
@@ -372,7 +372,8 @@ class _Pass:
             mask &= only
         out = None
         if not mask.any():
-            self.failed[key] = True
+            if only is None:  # a failure on some nodes says nothing of the rest
+                self.failed[key] = True
             return None
         if w.constraint == SAME_ZONE:
             zones = {}
@@ -404,7 +405,8 @@ class _Pass:
         else:
             out = self._place_all(w.shape, count, mask)
         if out is None:
-            self.failed[key] = True
+            if only is None:  # a failure on some nodes says nothing of the rest
+                self.failed[key] = True
         return out
 
     def _could_hold(self, w: Workload, count: int) -> np.ndarray:
