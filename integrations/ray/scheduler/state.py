@@ -253,6 +253,17 @@ def _fits_many(node: Node, shape: Shape, count: int) -> bool:
     return True
 
 
+def restore(state: State, w: Workload, flavor: str, members: Tuple[Member, ...], now: float,
+            submitted_at: float, next_member: int, ready: bool) -> State:
+    """A workload admitted before this state existed (a restarted controller reads it back):
+    admitted with these members, its member numbering and readiness as they were."""
+    state = submit(state, w, submitted_at)
+    state = apply(state, Step((Admit(w.name, flavor, members, "restored"),), {}, now))
+    a = state.admitted[w.name]
+    a = replace(a, next_member=max(next_member, a.next_member), ready=ready)
+    return _next(state, admitted={**state.admitted, w.name: a})
+
+
 def finish(state: State, name: str, now: float) -> State:
     """A workload ended (or was cancelled): its capacity is free."""
     if name in state.admitted:

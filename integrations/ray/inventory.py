@@ -1,0 +1,33 @@
+"""Ray's view of its nodes -> the scheduler's `Node`s. Pure: it reads what `ray.nodes()` returns.
+
+A node's name in the scheduler is its Ray node id. Its labels are Ray's node labels without
+Ray's own (`ray.io/...`): `capacity-type`, `zone`, `node-type`, `gpu-model` are read from there.
+GPUs: Ray's `GPU` resource; their model is the `gpu-model` label (else Ray's
+`accelerator_type:<model>` resource), their memory the `gpu-memory-mib` label (0 when unknown).
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Mapping
+
+from .scheduler import Gpu, Node
+from .scheduler.config import GPU_MODEL_LABEL
+
+GPU_MEMORY_LABEL = "gpu-memory-mib"
+RAY_LABEL_PREFIX = "ray.io/"
+
+
+def node_from_ray(info: Mapping) -> Node:
+    resources = info.get("Resources") or {}
+    labels = {k: str(v) for k, v in (info.get("Labels") or {}).items()
+              if not k.startswith(RAY_LABEL_PREFIX)}
+    model = labels.get(GPU_MODEL_LABEL) or next(
+        (k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), "gpu")
+    memory = int(labels.get(GPU_MEMORY_LABEL, "0") or 0)
+    gpus = tuple(Gpu(model, memory) for _ in range(int(resources.get("GPU", 0))))
+    return Node(name=info["NodeID"], cpu_milli=round(resources.get("CPU", 0) * 1000),
+                memory_mib=int(resources.get("memory", 0) // 2**20), gpus=gpus, labels=labels)
+
+
+def alive_nodes(infos: Iterable[Mapping]) -> List[Node]:
+    """The live nodes, in Ray's order."""
+    return [node_from_ray(i) for i in infos if i.get("Alive")]
