@@ -112,6 +112,7 @@ class Controller:
         self.gang_groups: Dict[Tuple[str, int], Any] = {}
         self._stopping: Dict[str, str] = {}  # training workloads asked to stop -> reason
         self._ending: Dict[str, Any] = {}  # training workloads whose job ended -> its outcome
+        self._sized: Dict[str, Tuple[str, int]] = {}  # training workload -> (job, size) set
         self._written: Dict[str, str] = {}
         self._inventory: List[str] = []
         self._beat = 0.0
@@ -391,6 +392,7 @@ class Controller:
                 for i, m in enumerate(a.members):
                     if (name, rec.attempt, m.id) not in self.runs:
                         self._place_member(name, rec.attempt, m, i, now)
+                self._size_job(name, job_id(sub, rec.attempt), a.size)
 
     def _pin(self, node: str) -> Dict[str, str]:
         return {"ray.io/node-id": node}
@@ -433,6 +435,18 @@ class Controller:
                 run.phase, run.since = LEAVING, now
                 return
         self._kill(run)
+
+    def _size_job(self, name: str, job: str, size: int) -> None:
+        """The job's desired size follows the members the core gave it (a release lowered it;
+        growing raises it again, so new members join instead of waiting as spares)."""
+        if self._sized.get(name) == (job, size):
+            return
+        try:
+            if self.jobs.status(job, probe=False, recent=0).spec.target != size:
+                self.jobs.resize(job, size)
+            self._sized[name] = (job, size)
+        except JobError:  # not created yet (its first agent creates it), or ending
+            pass
 
     def _release(self, job: str, run: Run) -> bool:
         try:

@@ -54,8 +54,8 @@ class Submission:
     submitted_at: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "command", tuple(self.command))
-        object.__setattr__(self, "agent_args", tuple(self.agent_args))
+        object.__setattr__(self, "command", tuple(str(c) for c in self.command))
+        object.__setattr__(self, "agent_args", tuple(str(a) for a in self.agent_args))
         object.__setattr__(self, "env", dict(self.env))
 
     def check(self) -> None:

@@ -1,0 +1,272 @@
+"""The shared pool on a real Ray cluster (`ray.cluster_utils.Cluster` on 127.0.0.1, one per module):
+an elastic training job and gangs share it; the controller runs as its own process and is killed
+and restarted; nodes are added and released through the test node provider."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rendezvous.client import JobClient
+from rendezvous.embedded import EmbeddedEtcd
+
+from .agents import REPO, new_mark, processes_with_mark, read_events, wait_for
+from .test_training_semantics import SCRIPT, exactly_what_was_trained, surviving_steps
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
+ray = pytest.importorskip("ray", reason="the Ray tests need Ray: pip install 'elastic-run[ray]'")
+
+DATASET, EPOCHS = 200, 40  # 800 steps: paced by the allowance, so the job outlives the episode
+FAST_HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+               "health_check_timeout_ms": 500, "health_check_initial_delay_ms": 0}
+GANG_SCRIPT = '''
+import json, os, sys, time
+import torch, torch.distributed as dist
+env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+dist.init_process_group("gloo")  # env://, as torchrun's variables say
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+out = os.path.join(sys.argv[1], f"rank{env['RANK']}.json")
+with open(out, "w") as f:
+    json.dump({"env": env, "sum": t.item(), "time": time.time()}, f)
+print("GANG", json.dumps(env), t.item(), flush=True)
+time.sleep(float(sys.argv[2]))
+dist.barrier()
+dist.destroy_process_group()
+os._exit(int(sys.argv[3]) if len(sys.argv) > 3 and env["RANK"] == "1" else 0)
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind 127.0.0.1
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # for every process of the test cluster
+    from ray.cluster_utils import Cluster
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_HEALTH})
+    nodes = [c.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=c.address, namespace="elastic-ray", logging_level="ERROR")
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def pool_etcd():
+    """Each test its own etcd: the pool's records live under one prefix per etcd."""
+    with EmbeddedEtcd() as etcd:
+        yield etcd.endpoint
+
+
+class ControllerProcess:
+    def __init__(self, address, endpoint, tmp, queues=None):
+        self.args = [sys.executable, "-m", "integrations.ray", "controller", "--address", address,
+                     "--rdzv-endpoint", endpoint, "--tick", "0.3", "--log-dir", str(tmp / "members")]
+        if queues:
+            self.args += ["--queues", str(queues)]
+        self.tmp, self.n, self.proc = tmp, 0, None
+        self.start()
+
+    def start(self):
+        self.n += 1
+        self.out = self.tmp / f"controller{self.n}.out"
+        with open(self.out, "wb") as sink:
+            self.proc = subprocess.Popen(self.args, stdout=sink, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=REPO,
+                                         env={**os.environ, "PYTHONPATH": str(REPO)})
+        wait_for(lambda: "controller: pool of" in self.out.read_text(), 60, what="controller")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def pool_command(endpoint, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "integrations.ray", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "ELASTIC_RDZV_ENDPOINT": endpoint})
+
+
+def status(endpoint, name):
+    from integrations.ray.client import PoolClient
+    with PoolClient(endpoint) as pool:
+        return pool.status(name)
+
+
+def active_world(endpoint, job):
+    from rendezvous.client import UnknownJobError
+    with JobClient(endpoint) as jobs:
+        try:
+            st = jobs.status(job, probe=False, recent=0)
+        except UnknownJobError:  # no agent has started yet
+            return 0
+        return st.round.world_size if st.round and st.round.active else 0
+
+
+def rounds(tmp):
+    return max(int(p.name.split("-")[0][5:]) for p in (tmp / "records").glob("round*.jsonl"))
+
+
+def trained_at(tmp, world, after=0):
+    """Some step was trained in a world of `world` ranks, in a round after `after`."""
+    for p in (tmp / "records").glob("round*-rank0.jsonl"):
+        if int(p.name.split("-")[0][5:]) > after:
+            lines = p.read_text().splitlines()
+            if lines and json.loads(lines[-1])["world"] == world:
+                return True
+    return False
+
+
+def clear_pool():
+    """End whatever a failed test left on the cluster (members are detached actors)."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+    from ray.util import list_named_actors
+    for entry in list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "elastic-ray":
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace="elastic-ray"))
+            except ValueError:
+                pass
+    for pg_id, info in placement_group_table().items():
+        if info["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
+class Pacer:
+    """Raises the training job's step allowance a few steps a second (so it trains all through
+    the episode and never ends before it), until `finish`."""
+
+    def __init__(self, path, per_s=4.0):
+        self.path, self.per_s, self.allowed = path, per_s, 0
+        self._stop = threading.Event()
+        self.write(0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def write(self, n):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(n))
+        tmp.replace(self.path)
+
+    def _run(self):
+        while not self._stop.wait(1 / self.per_s):
+            self.allowed += 1
+            self.write(self.allowed)
+
+    def finish(self):
+        self._stop.set()
+        self.thread.join()
+        self.write(10**6)
+
+
+def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_etcd, tmp_path):
+    from integrations.ray.client import PoolClient
+    from integrations.ray.spec import TRAIN, Submission
+    c, nodes = cluster
+    mark = new_mark()
+    (tmp_path / "records").mkdir()
+    (tmp_path / "gang").mkdir()
+    (tmp_path / "gang.py").write_text(GANG_SCRIPT)
+    queues = tmp_path / "queues.yaml"
+    queues.write_text("priorityClasses:\n  - {name: high, value: 1000}\n"
+                      "  - {name: training, value: 200}\n  - {name: batch, value: 100}\n")
+    pacer = Pacer(tmp_path / "allowance")
+    ctl = ControllerProcess(c.address, pool_etcd, tmp_path, queues)
+    try:
+        with PoolClient(pool_etcd) as pool:
+            pool.submit(Submission(
+                "trainer", TRAIN, (SCRIPT, "--checkpoint", tmp_path / "state.ckpt", "--out",
+                                   tmp_path / "params.pt", "--record-dir", tmp_path / "records",
+                                   "--allowance-file", tmp_path / "allowance", "--epochs",
+                                   EPOCHS, "--dataset", DATASET),
+                min_members=1, max_members=3, cpus=1, cwd=str(REPO),
+                env={"ELASTIC_TEST_MARK": mark},
+                agent_args=("--global-batch-size", "10", "--max-micro-batch", "4",
+                            "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
+                            "--log-dir", str(tmp_path / "logs"))))
+        # 1. the job grows into every idle node, and trains there
+        wait_for(lambda: trained_at(tmp_path, 3), 120, what="trainer training at 3")
+        assert len(status(pool_etcd, "trainer")["members"]) == 3
+
+        # 2. a higher-priority gang: the job releases two members at a step boundary
+        submitted = time.time()
+        out = pool_command(pool_etcd, "submit", "gang", "--name", "g1", "--members", 2,
+                           "--priority", "high", "--env", f"ELASTIC_TEST_MARK={mark}", "--json",
+                           "--", tmp_path / "gang.py", tmp_path / "gang", 3)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"name": "g1", "kind": "gang"}
+        wait_for(lambda: len(list((tmp_path / "gang").glob("rank*.json"))) == 2, 120,
+                 what="both gang members running")
+        ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "gang").glob("*.json"))]
+        assert [r["env"]["RANK"] for r in ranks] == ["0", "1"]
+        assert {r["env"]["WORLD_SIZE"] for r in ranks} == {"2"}
+        assert len({(r["env"]["MASTER_ADDR"], r["env"]["MASTER_PORT"]) for r in ranks}) == 1
+        assert [r["sum"] for r in ranks] == [3.0, 3.0]  # one all-reduce over both members
+        print(f"gang running {max(r['time'] for r in ranks) - submitted:.1f} s after submission")
+        assert active_world(pool_etcd, "trainer") == 1
+        released = [e for e in read_events(tmp_path / "logs")
+                    if e["event"] == "node_left" and e["cause"] == "released" and "outcome" in e]
+        assert len(released) == 2
+        assert {e["outcome"] for e in released} == {"left at a step boundary"}
+
+        shrunk = rounds(tmp_path)
+
+        # 3. the gang ends; the job grows back
+        wait_for(lambda: status(pool_etcd, "g1")["state"] == "finished", 60, what="gang done")
+        g1 = status(pool_etcd, "g1")
+        assert g1["exit_code"] == 0
+        wait_for(lambda: trained_at(tmp_path, 3, after=shrunk), 120,
+                 what="trainer training at 3 again")
+        logs = pool_command(pool_etcd, "logs", "g1", "--member", "1")
+        assert logs.returncode == 0 and "GANG" in logs.stdout and '"RANK": "1"' in logs.stdout
+
+        # 4. the controller dies; a new one carries on with what it finds
+        ctl.kill()
+        ctl.start()
+        wait_for(lambda: any("controller restarted: 3 member(s) found running" in h
+                             for h in status(pool_etcd, "trainer")["history"]), 30,
+                 what="the restarted controller to take the members back")
+        assert active_world(pool_etcd, "trainer") == 3
+
+        # 5. a node is removed without grace: the job trains on with the rest
+        with JobClient(pool_etcd) as jobs:
+            round_before = jobs.status("trainer", probe=False, recent=0).round.number
+        victim = next(n for n in nodes if n.node_id in
+                      {m["node"] for m in status(pool_etcd, "trainer")["members"]})
+        c.remove_node(victim, allow_graceful=False)
+        wait_for(lambda: active_world(pool_etcd, "trainer") == 2, 60, what="trainer at 2")
+        wait_for(lambda: len(status(pool_etcd, "trainer")["members"]) == 2, 30,
+                 what="the controller to drop the lost member")
+        pacer.finish()
+        wait_for(lambda: status(pool_etcd, "trainer")["state"] != "running", 180,
+                 what="the job to end")
+        final = status(pool_etcd, "trainer")
+        assert final["state"] == "finished", final
+    finally:
+        pacer.finish()
+        ctl.stop()
+        clear_pool()
+    # every sample exactly once per epoch; no step recomputed but those the dead node had
+    # trained since the last commit
+    steps, attempts = surviving_steps(tmp_path / "records")
+    assert sorted(steps) == list(range(1, EPOCHS * DATASET // 10 + 1))
+    trained = {s: exactly_what_was_trained(s, recs) for s, recs in steps.items()}
+    for epoch in range(EPOCHS):
+        used = [i for e, batch in trained.values() if e == epoch for i in batch]
+        assert sorted(used) == list(range(DATASET)), f"epoch {epoch}"
+    recomputed = {s: sorted({r["round"] for r in recs}) for s, recs in attempts.items()
+                  if len({r["round"] for r in recs}) > 1}
+    assert all(rounds[0] >= round_before for rounds in recomputed.values()), recomputed
+    wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")
