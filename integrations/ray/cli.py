@@ -155,9 +155,10 @@ def _controller(args) -> int:
 
 def _client_command(args) -> int:
     from .client import PoolClient
+    sub = _submission(args) if args.command == "submit" else None  # bad flags: before etcd
     with PoolClient(args.rdzv_endpoint, timeout=args.timeout) as pool:
-        if args.command == "submit":
-            sub = pool.submit(_submission(args))
+        if sub is not None:
+            sub = pool.submit(sub)
             print(json.dumps({"name": sub.name, "kind": sub.kind}) if args.json else
                   f"submitted {sub.kind} {sub.name} to queue {sub.queue}")
         elif args.command == "list":

@@ -76,8 +76,9 @@ class RayAutoscalerProvider(NodeProvider):
 
 class LocalClusterProvider(NodeProvider):
     """Nodes of a `ray.cluster_utils.Cluster` started in this process; each added node carries
-    its type's labels and `node-type=<name>`. Adding a node takes seconds, so it happens on a
-    thread and the controller sees the node when Ray does."""
+    its type's labels and `node-type=<name>`. Ray starts a node only from the main thread, and
+    it takes seconds: the controller using this provider ticks in the main thread (tests, local
+    use)."""
 
     def __init__(self, cluster):
         self.cluster = cluster
@@ -88,7 +89,7 @@ class LocalClusterProvider(NodeProvider):
 
     def request(self, node_type: NodeType, count: int) -> None:
         for _ in range(count):
-            threading.Thread(target=self._add, args=(node_type,), daemon=True).start()
+            self._add(node_type)
 
     def _add(self, t: NodeType) -> None:
         with self._lock:

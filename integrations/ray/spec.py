@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .scheduler import Shape, SubmissionError, Workload
-from .scheduler.workload import SAME_NODE
+from .scheduler.workload import SAME_NODE, check
 
 TRAIN, GANG = "train", "gang"
 KINDS = (TRAIN, GANG)
@@ -86,9 +86,12 @@ class Submission:
                       gpus=self.gpus)
         kw = dict(queue=self.queue, priority_class=self.priority)
         if self.kind == TRAIN:
-            return Workload.elastic(self.name, self.min_members, self.max_members, shape, **kw)
-        constraint = SAME_NODE if self.placement == "strict-pack" else None
-        return Workload.gang(self.name, self.max_members, shape, constraint=constraint, **kw)
+            w = Workload.elastic(self.name, self.min_members, self.max_members, shape, **kw)
+        else:
+            constraint = SAME_NODE if self.placement == "strict-pack" else None
+            w = Workload.gang(self.name, self.max_members, shape, constraint=constraint, **kw)
+        check(w)
+        return w
 
     def bundle(self) -> Dict[str, float]:
         """Ray resources of one member (its placement-group bundle and its actor)."""

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -270,3 +269,82 @@ def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_
                   if len({r["round"] for r in recs}) > 1}
     assert all(rounds[0] >= round_before for rounds in recomputed.values()), recomputed
     wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")
+
+
+QUEUES = """
+resourceFlavors: [{name: default}]
+clusterQueues:
+  - name: default
+    flavors: [{name: default, resources: {cpu: {nominalQuota: 100}}}]
+  - name: tiny
+    flavors: [{name: default, resources: {cpu: {nominalQuota: 1}}}]
+nodeTypes:
+  - {name: small, cpu: 1, memory: 1Gi, min: 0, max: 2}
+timeouts: {nodeIdleSeconds: 2}
+"""
+
+
+def test_nodes_are_requested_for_a_gang_that_cannot_fit_and_released_when_idle(
+        cluster, pool_etcd, tmp_path):
+    from integrations.ray.client import PoolClient
+    from integrations.ray.controller import Controller
+    from integrations.ray.providers import LocalClusterProvider
+    from integrations.ray.scheduler import SubmissionError
+    from integrations.ray.spec import GANG, Submission
+    c, _ = cluster
+    workers = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1)
+    provider = LocalClusterProvider(c)
+    ctl = Controller(pool_etcd, QUEUES, provider=provider, tick_s=0.3,
+                     log_dir=str(tmp_path / "members")).start()
+
+    def ticking(predicate):  # the controller steps in this (main) thread: Ray adds nodes only here
+        def check():
+            ctl.tick()
+            return predicate()
+        return check
+
+    try:
+        with PoolClient(pool_etcd) as pool:
+            # a bad spec is refused at submission with the core's message; nothing is written
+            with pytest.raises(SubmissionError, match="unknown queue 'nope'; known queues: "
+                                                      "default, tiny"):
+                pool.submit(Submission("bad", GANG, ("true",), queue="nope"))
+            out = pool_command(pool_etcd, "submit", "gang", "--members", 1, "--cpus", 64,
+                               "--", "true")
+            assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+            assert "no node or node type" in out.stderr
+            assert pool.list() == []
+
+            # one queue's limit: a gang over the quota waits, and says why
+            pool.submit(Submission("over", GANG, ("true",), queue="tiny", min_members=2,
+                                   max_members=2))
+            wait_for(ticking(lambda: "quota" in pool.status("over")["reason"]), 30,
+                     what="a quota reason")
+            assert pool.status("over")["state"] == "pending"
+            queues = {q["queue"]: q for q in pool.queues()}
+            assert queues["tiny"]["pending"] == 1 and queues["tiny"]["quota"] == {
+                "default": {"cpu": 1.0}}
+            pool.stop("over")
+            wait_for(ticking(lambda: pool.status("over")["state"] == "stopped"), 30,
+                     what="stopped")
+
+            # a gang larger than the pool: nodes are requested, it runs, they go back
+            members = workers + 2
+            pool.submit(Submission("wide", GANG, (sys.executable, "-c", "print('ok')"),
+                                   min_members=members, max_members=members, cwd=str(tmp_path)))
+            wait_for(ticking(lambda: pool.status("wide")["state"] == "finished"), 120,
+                     what="the gang to run on requested nodes")
+            assert provider.added == 2
+            small = {n["NodeID"] for n in ray.nodes() if n["Alive"]
+                     and (n.get("Labels") or {}).get("node-type") == "small"}
+            ran_on = {m["node"] for m in pool.status("wide")["members"]}  # kept after the end
+            assert len(ran_on) == members and len(small) == 2 and small <= ran_on
+            assert all(text.strip() == "ok" for text in pool.logs("wide").values())
+            assert len(pool.logs("wide")) == members
+            wait_for(ticking(lambda: provider.removed == 2), 60, what="idle nodes released")
+            wait_for(lambda: sum(1 for n in ray.nodes() if n["Alive"]
+                                 and n["Resources"].get("CPU", 0) >= 1) == workers, 30,
+                     what="the pool back at its size")
+    finally:
+        ctl.close()
+        clear_pool()
