@@ -45,7 +45,7 @@ from .store import ENDED, FAILED, FINISHED, PENDING, RUNNING, STOPPED, PoolStore
 log = logging.getLogger(__name__)
 
 NAMESPACE = "elastic-ray"
-PLACING, CREATING, CREATED, STARTED, LEAVING = "placing", "creating", "created", "started", "leaving"
+CREATING, CREATED, STARTED, LEAVING = "creating", "created", "started", "leaving"
 LOG_KEPT = 4096  # of each member's output, in its record
 OUTCOME_STATE = {"succeeded": FINISHED, "failed": FAILED, "stopped": STOPPED}
 
@@ -69,8 +69,7 @@ class Run:
     rank: int  # its place in the workload (a gang's RANK)
     pg: Any
     bundle: int
-    phase: str = PLACING
-    ready_ref: Any = None
+    phase: str = CREATING
     actor: Any = None
     addr_ref: Any = None
     addr: Optional[Tuple[str, int]] = None
@@ -139,10 +138,28 @@ class Controller:
         try:
             while not stop.is_set():
                 self.tick()
-                self._wake.wait(self.tick_s)
-                self._wake.clear()
+                self._idle(stop)
         finally:
             self.store._client.cancel_watch(watch)
+
+    def _idle(self, stop: threading.Event) -> None:
+        """Until the next tick, or sooner: something written under the prefix (a submission,
+        a stop), or a member's actor answering (up, or its process ended)."""
+        import ray
+        deadline = time.monotonic() + self.tick_s
+        refs = [r.addr_ref if r.phase == CREATING else r.wait_ref for r in self.runs.values()]
+        refs = [r for r in refs if r is not None]
+        while not stop.is_set() and not self._wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=min(left, 0.05))
+                if ready:
+                    break
+            else:
+                self._wake.wait(left)
+        self._wake.clear()
 
     def close(self) -> None:
         self.jobs.close()
@@ -154,6 +171,7 @@ class Controller:
         self._take_submissions(now)
         self._take_stops(now)
         self._poll(now)
+        self._close_ended(now)
         self.state = expire_requests(self.state, now)
         result = step(self.state, now)
         for d in result.decisions:
@@ -207,11 +225,11 @@ class Controller:
             if rec is None or sub is None or rec.state in ENDED:
                 continue
             reason = req.get("reason") or "stopped by request"
-            if name in self.state.admitted and sub.kind == TRAIN:
+            if name in self.state.admitted and sub.kind == TRAIN and \
+                    self._stop_job(job_id(sub, rec.attempt), reason):
                 self._stopping[name] = reason  # the job ends as stopped; members then exit
-                self._stop_job(job_id(sub, rec.attempt), reason)
                 rec.note(now, f"stopping: {reason}")
-            else:
+            else:  # pending, a gang, or a training job none of whose agents has started
                 self._end(name, STOPPED, reason, now)
 
     # -- Ray's side -------------------------------------------------------------------------
@@ -219,7 +237,7 @@ class Controller:
         import ray
         refs = {}
         for run in self.runs.values():
-            ref = {PLACING: run.ready_ref, CREATING: run.addr_ref}.get(run.phase, run.wait_ref)
+            ref = run.addr_ref if run.phase == CREATING else run.wait_ref
             if ref is not None:
                 refs[ref] = run
         if refs:
@@ -237,11 +255,7 @@ class Controller:
 
     def _advance(self, run: Run, ref, now: float) -> None:
         import ray
-        if run.phase == PLACING:  # a gang's group is placed at once: all its members move on
-            for r in [r for r in self.runs.values() if r.phase == PLACING and
-                      (r.workload, r.generation, r.pg) == (run.workload, run.generation, run.pg)]:
-                self._create_actor(r)
-        elif run.phase == CREATING:
+        if run.phase == CREATING:
             try:
                 run.addr = ray.get(ref)
             except Exception as exc:  # the actor could not start (runtime_env, node gone)
@@ -317,14 +331,10 @@ class Controller:
             outcome = self._ending.get(name) or self._outcome(job_id(sub, run.generation))
             if outcome is not None:  # the job ended: its other members are leaving too
                 self._ending[name] = outcome
-                if not any(r.workload == name for r in self.runs.values()):
-                    del self._ending[name]
-                    state = STOPPED if name in self._stopping else OUTCOME_STATE.get(
-                        outcome.status, FAILED)
-                    self._end(name, state, self._stopping.pop(name, outcome.reason or
-                                                              outcome.status), now,
-                              exit_code=outcome.exit_code)
-                return
+                for other in [r for r in self.runs.values() if r.workload == name
+                              and r.phase not in (STARTED, LEAVING)]:
+                    self._kill(other)  # not started yet: nothing to join any more
+                return  # ended by _close_ended once every member has gone
             rec.note(now, f"member {run.member} exited with code {code}; the job goes on "
                           "without it")
             a = self.state.admitted.get(name)
@@ -352,6 +362,17 @@ class Controller:
         else:
             self._end(name, FAILED, f"member {run.member} exited with code {code}", now,
                       exit_code=worst)
+
+    def _close_ended(self, now: float) -> None:
+        """Training workloads whose job has ended, once none of their members runs."""
+        for name, outcome in list(self._ending.items()):
+            if any(r.workload == name for r in self.runs.values()):
+                continue
+            del self._ending[name]
+            state = STOPPED if name in self._stopping else OUTCOME_STATE.get(outcome.status,
+                                                                             FAILED)
+            self._end(name, state, self._stopping.pop(name, outcome.reason or outcome.status),
+                      now, exit_code=outcome.exit_code)
 
     def _outcome(self, job: str):
         try:
@@ -388,11 +409,18 @@ class Controller:
             if sub.kind == GANG:
                 if (name, rec.attempt) not in self.gang_groups:
                     self._place_gang(name, a, rec.attempt, now)
-            elif name not in self._ending:
-                for i, m in enumerate(a.members):
-                    if (name, rec.attempt, m.id) not in self.runs:
-                        self._place_member(name, rec.attempt, m, i, now)
-                self._size_job(name, job_id(sub, rec.attempt), a.size)
+            elif name not in self._ending and name not in self._stopping:
+                new = [(i, m) for i, m in enumerate(a.members)
+                       if (name, rec.attempt, m.id) not in self.runs]
+                job = job_id(sub, rec.attempt)
+                if new and len(new) < a.size:  # growing a running job: has it ended meanwhile?
+                    outcome = self._outcome(job)
+                    if outcome is not None:
+                        self._ending[name] = outcome
+                        continue
+                for i, m in new:
+                    self._place_member(name, rec.attempt, m, i, now)
+                self._size_job(name, job, a.size)
 
     def _pin(self, node: str) -> Dict[str, str]:
         return {"ray.io/node-id": node}
@@ -403,8 +431,8 @@ class Controller:
         run = Run(name, gen, m.id, m.node, rank, None, 0, since=now)
         run.pg = placement_group([sub.bundle()], strategy="PACK", name=run.name,
                                  lifetime="detached", bundle_label_selector=[self._pin(m.node)])
-        run.ready_ref = run.pg.ready()
         self.runs[run.key] = run
+        self._create_actor(run)  # Ray starts it as soon as the bundle is placed
 
     def _place_gang(self, name: str, a, gen: int, now: float) -> None:
         from ray.util.placement_group import placement_group
@@ -414,11 +442,10 @@ class Controller:
                              name=f"{name}.{gen}", lifetime="detached",
                              bundle_label_selector=[self._pin(m.node) for m in members])
         self.gang_groups[(name, gen)] = pg
-        ready = pg.ready()
         for i, m in enumerate(members):
             run = Run(name, gen, m.id, m.node, i, pg, i, since=now, owns_pg=False)
-            run.ready_ref = ready if i == 0 else None  # one ready() for the group
             self.runs[run.key] = run
+            self._create_actor(run)  # all start once the whole group is placed
 
     def _take_away(self, run: Run, now: float) -> None:
         name, sub = run.workload, self.subs[run.workload]
@@ -461,11 +488,13 @@ class Controller:
             log.warning("could not release %s from job %s (%s); ending it", run.member, job, exc)
             return False
 
-    def _stop_job(self, job: str, reason: str) -> None:
+    def _stop_job(self, job: str, reason: str) -> bool:
+        """Ask the job to commit, checkpoint and end; False if there is no job (yet) to ask."""
         try:
             self.jobs.stop(job, reason=reason)
+            return True
         except JobError:
-            pass
+            return False
 
     def _kill(self, run: Run) -> None:
         import ray
