@@ -35,6 +35,7 @@ import argparse
 import os
 import re
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import threading
@@ -91,14 +92,15 @@ def wait(pred, timeout, what):
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 
-def gap_and_lost(steps, t0):
-    before = [s for s in steps if s[0] < t0]
-    after = [s for s in steps if s[0] >= t0]
-    if not before or not after:
+def gap_and_lost(steps, t0, old_world, new_world):
+    """The training gap: the last step in the old world -> the first in the new one after t0;
+    steps lost: steps rank 0 trained more than once (rolled back and trained again)."""
+    first = next((s for s in steps if s[0] >= t0 and s[2] == new_world), None)
+    last = [s for s in steps if s[2] == old_world and (first is None or s[0] < first[0])]
+    if first is None or not last:
         return None, None
-    last, first = before[-1], after[0]
-    lost = max(0, last[1] - first[1] + 1)  # steps trained again
-    return first[0] - last[0], lost
+    counts = Counter(step for _, step, _ in steps)
+    return first[0] - last[-1][0], sum(n - 1 for n in counts.values())
 
 
 def agent_args(step_s, ckpt):
@@ -130,7 +132,7 @@ def run_ours(rep, tmp, endpoint, step_s):
         wait(lambda: any(w == 1 and t > t0 for t, _, w in steps_in(train_logs())), 60,
              "training at 1")
         starts, readies = stamps(gang_logs, "START"), stamps(gang_logs, "READY")
-        gap, lost = gap_and_lost(steps_in(train_logs()), t0)
+        gap, lost = gap_and_lost(steps_in(train_logs()), t0, 3, 1)
         if VERBOSE:
             for w in (name, gang):
                 print("\n".join(f"  {w}: {h}" for h in pool.status(w)["history"]), flush=True)
@@ -193,7 +195,7 @@ def run_baseline(rep, tmp, endpoint, step_s):
     wait(lambda: all(stamps(gang_logs, "READY")), 120, "the gang")
     wait(lambda: steps_in(small_logs), 120, "training at 1")
     starts, readies = stamps(gang_logs, "START"), stamps(gang_logs, "READY")
-    gap, lost = gap_and_lost(steps_in(full_logs + small_logs), t0)
+    gap, lost = gap_and_lost(steps_in(full_logs + small_logs), t0, 3, 1)
     ray.get([m.wait.remote() for m in members], timeout=60)
     end(pgs, actors)
     end([gpg], members)

@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rendezvous.client import JobClient, JobError
 
-from .inventory import alive_nodes
+from .inventory import alive_nodes, noticed_members
 from .members import MemberProcess
 from .providers import NodeProvider, NoProvider
 from .scheduler import (Config, ReleaseNodes, RequestNodes, State, Step, SubmissionError, add_node,
-                        apply, finish, mark_ready, parse, remove_node, restore, step, submit)
+                        apply, drain_node, finish, mark_ready, parse, remove_node, restore, step,
+                        submit)
 from .scheduler.decisions import Release
 from .scheduler.model import Binding
 from .scheduler.state import expire_requests
@@ -112,6 +113,7 @@ class Controller:
         self._stopping: Dict[str, str] = {}  # training workloads asked to stop -> reason
         self._ending: Dict[str, Any] = {}  # training workloads whose job ended -> its outcome
         self._sized: Dict[str, Tuple[str, int]] = {}  # training workload -> (job, size) set
+        self._agent_member: Dict[str, str] = {}  # an agent's node id -> its member's actor name
         self._written: Dict[str, str] = {}
         self._inventory: List[str] = []
         self._beat = 0.0
@@ -172,6 +174,7 @@ class Controller:
         self._take_stops(now)
         self._poll(now)
         self._close_ended(now)
+        self._drain_noticed(now)
         self.state = expire_requests(self.state, now)
         result = step(self.state, now)
         for d in result.decisions:
@@ -373,6 +376,31 @@ class Controller:
                                                                              FAILED)
             self._end(name, state, self._stopping.pop(name, outcome.reason or outcome.status),
                       now, exit_code=outcome.exit_code)
+
+    def _drain_noticed(self, now: float) -> None:
+        """A spot node whose member's agent got a preemption notice: nothing new goes there
+        (the agent itself leaves at a step boundary, as it does anywhere)."""
+        for name in list(self.state.admitted):
+            sub, rec = self.subs[name], self.records[name]
+            watched = {r.name: r for r in self.runs.values() if r.workload == name
+                       and r.phase == STARTED and r.node in self.state.nodes
+                       and self.state.nodes[r.node].spot and r.node not in self.state.draining}
+            if sub.kind != TRAIN or not watched:
+                continue
+            try:
+                status = self.jobs.status(job_id(sub, rec.attempt), probe=False, recent=50)
+            except JobError:
+                continue
+            # kept across ticks: an agent with a notice leaves the job (and its node list) at once
+            self._agent_member.update({n.node_id: n.labels[MEMBER_LABEL] for n in status.nodes
+                                       if MEMBER_LABEL in n.labels})
+            for member in noticed_members(status.events, self._agent_member):
+                run = watched.get(member)
+                if run is not None and run.node not in self.state.draining:
+                    self.state = drain_node(self.state, run.node)
+                    rec.note(now, f"spot node {run.node[:12]} is draining: member {run.member}'s"
+                                  " agent got a preemption notice")
+                    log.info("draining spot node %s (a preemption notice)", run.node)
 
     def _outcome(self, job: str):
         try:

@@ -31,3 +31,16 @@ def node_from_ray(info: Mapping) -> Node:
 def alive_nodes(infos: Iterable[Mapping]) -> List[Node]:
     """The live nodes, in Ray's order."""
     return [node_from_ray(i) for i in infos if i.get("Alive")]
+
+
+def noticed_members(events: Iterable[Mapping], member_of: Mapping[str, str]) -> List[str]:
+    """Members whose agent reported a preemption notice (a spot node about to go), from a
+    job's event history; `member_of` maps the job's node ids to member names. A release is a
+    notice too, but the pool asked for it: it does not count."""
+    out = []
+    for e in events:
+        if e.get("event") == "preemption_notice" and e.get("cause") != "released":
+            member = member_of.get(e.get("node", ""))
+            if member is not None and member not in out:
+                out.append(member)
+    return out

@@ -59,3 +59,15 @@ def test_the_check_sees_the_imports_it_judges():
     assert ("launcher.agent", "launcher.decision") in found  # relative: from . import decision
     assert ("integrations.horovod.agent", "launcher.backend") in found
     assert ("elastic.run", "launcher.agent") in found
+
+
+def test_the_scheduler_core_imports_nothing_of_its_ray_binding_and_ray_is_imported_lazily():
+    core = [(a, b) for a, b in imports() if a.startswith("integrations.ray.scheduler")]
+    assert core and all(b.startswith("integrations.ray.scheduler") or b == "rendezvous.victims"
+                        or b == "rendezvous" for a, b in core), core
+    for path in (REPO / "integrations" / "ray").rglob("*.py"):
+        top_level = [n for n in ast.parse(path.read_text()).body
+                     if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top_level if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in top_level if isinstance(n, ast.ImportFrom) and n.module]
+        assert not any(x == "ray" or x.startswith("ray.") for x in names), path

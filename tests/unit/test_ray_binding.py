@@ -157,3 +157,14 @@ def test_a_bad_queue_file_fails_the_controller_at_start_with_the_fields_path(tmp
                      "--queues", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "clusterQueues[0].flavors[0].resources.cpu.nominalQuota" in err, err
+
+
+def test_a_spot_notice_in_a_jobs_history_names_the_member_to_drain_and_a_release_does_not():
+    from integrations.ray.inventory import noticed_members
+    events = [{"event": "rescale", "node": "a1"},
+              {"event": "preemption_notice", "node": "a2", "cause": "released"},
+              {"event": "preemption_notice", "node": "a3", "cause": "url"},
+              {"event": "preemption_notice", "node": "a3", "cause": "url"},
+              {"event": "preemption_notice", "node": "stranger", "cause": "file"}]
+    member_of = {"a1": "job.0.0", "a2": "job.1.0", "a3": "job.2.0"}
+    assert noticed_members(events, member_of) == ["job.2.0"]

@@ -534,3 +534,23 @@ def test_the_readme_scheduler_configuration_loads_and_admits(tmp_path):
         "bert", 2, 16, Shape(gpus=1, cpu_milli=8000), queue="team-a"), now=0)
     state = apply(state, step(state, now=1))
     assert state.admitted["bert"].flavor == "a100" and state.admitted["bert"].size == 16
+
+
+def test_a_draining_node_keeps_what_runs_there_and_takes_nothing_new():
+    from integrations.ray.scheduler import drain_node
+    state = State.of(Config.default(), [gpu_node("spot1", gpus=2, capacity_type="spot"),
+                                        gpu_node("od1", gpus=2)], now=0)
+    state = submit(state, Workload.gang("a", 1, Shape(gpus=1)), now=0)
+    state, _ = run(state, 1)
+    [where] = [m.node for m in state.admitted["a"].members]
+    state = drain_node(state, where)  # its spot notice arrived
+    state = submit(state, Workload.gang("b", 2, Shape(gpus=1)), now=2)
+    state, result = run(state, 3)
+    assert sizes(state) == {"a": 1, "b": 2}  # a stays where it is
+    other = "od1" if where == "spot1" else "spot1"
+    assert {m.node for m in state.admitted["b"].members} == {other}
+    state = submit(state, Workload.gang("c", 1, Shape(gpus=1)), now=4)
+    state, result = run(state, 5)
+    assert "c" in result.reasons and "c" not in state.admitted  # the free GPU there is not used
+    state = remove_node(state, where, now=6)
+    assert state.draining == frozenset()

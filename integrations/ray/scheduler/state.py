@@ -32,6 +32,7 @@ class State:
     requests: Tuple[NodeRequest, ...] = ()  # node requests not yet met
     deactivated: Mapping[str, str] = field(default_factory=dict)  # workload -> why
     mix: Optional[object] = None  # fragmentation.WorkloadMix for fgd/ours (None: from the workloads)
+    draining: frozenset = frozenset()  # nodes about to go (a spot notice): nothing new goes there
 
     @classmethod
     def of(cls, config: Config, nodes: Iterable[Node] = (), now: float = 0.0, **kw) -> "State":
@@ -314,6 +315,14 @@ def add_node(state: State, node: Node, now: float) -> State:
                    requests=tuple(r for r in requests if r.count > 0))
 
 
+def drain_node(state: State, name: str) -> State:
+    """A node is going away soon (a spot node's preemption notice): what runs there stays until
+    it goes; nothing new is placed there."""
+    if name not in state.nodes or name in state.draining:
+        return state
+    return replace(state, draining=state.draining | {name})
+
+
 def remove_node(state: State, name: str, now: float) -> State:
     """A node is gone (released, preempted by the cloud, failed): a gang with a member there is
     back in its queue; an elastic job or endpoint loses those members (the next step brings it
@@ -331,7 +340,8 @@ def remove_node(state: State, name: str, now: float) -> State:
     reservation = state.reservation
     if reservation is not None and name in reservation.nodes:
         reservation = None  # chosen again at the next step
-    return replace(state, nodes=nodes, idle_since=idle, reservation=reservation)
+    return replace(state, nodes=nodes, idle_since=idle, reservation=reservation,
+                   draining=state.draining - {name})
 
 
 # ---- carrying out a step -----------------------------------------------------------------------

@@ -148,6 +148,7 @@ class _Pass:
         self.reasons: Dict[str, str] = {}
         self.reservation = state.reservation
         self.reserved = self._mask(state.reservation.nodes if state.reservation else ())
+        self.draining = self._mask(sorted(state.draining))
         self.short_of_room: List[Tuple[_Request, List[str]]] = []  # (request, flavors)
         self.freed = 0
         self.failed: Dict[tuple, bool] = {}
@@ -364,7 +365,7 @@ class _Pass:
         key = (w.shape, count, w.constraint, flavor, allow_reserved, self.freed)
         if key in self.failed:
             return None
-        mask = self.flavor_mask[flavor].copy()
+        mask = self.flavor_mask[flavor] & ~self.draining
         if not allow_reserved:
             mask &= ~self.reserved
         mask &= self._could_hold(w, count)
@@ -727,7 +728,7 @@ class _Pass:
             for m in ending:
                 view.unbind(m.binding, v.shape)
         chooser = _FreestNow(self.pool)
-        mask = self.flavor_mask[flavor]
+        mask = self.flavor_mask[flavor] & ~self.draining
         if w.constraint == SAME_NODE:
             rows = [int(i) for i in np.flatnonzero(mask)]
             rows.sort(key=lambda i: -int(self.pool.gpu_free_total()[i]))
