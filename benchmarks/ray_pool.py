@@ -5,7 +5,8 @@ Ray user does today, side by side, alternating, in one run.
 
 The cluster: `ray.cluster_utils.Cluster` on 127.0.0.1, a head with no CPUs and 3 nodes of 1 CPU.
 The training job: examples/train_elastic.py, one worker per node, its step pinned at --step-s
-(50 ms), committing and checkpointing every 10 steps. The gang: 2 members of 1 CPU, each a
+(50 ms), committing and checkpointing every 10 steps; the gang comes after 12 + 3 x rep steps at
+full size, so it lands at another point of the commit cycle each repetition. The gang: 2 members of 1 CPU, each a
 process that notes its start, joins a gloo process group with torchrun's variables, all-reduces
 once, and ends after 2 s.
 
@@ -92,6 +93,16 @@ def wait(pred, timeout, what):
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 
+def at_world(steps, world):
+    return sum(1 for _, _, w in steps if w == world)
+
+
+def settle(rep):
+    """Steps at full size before the gang comes: some, and a different number each repetition,
+    so the change lands at another point of the job's commit cycle (every 10 steps)."""
+    return 12 + 3 * rep
+
+
 def gap_and_lost(steps, t0, old_world, new_world):
     """The training gap: the last step in the old world -> the first in the new one after t0;
     steps lost: steps rank 0 trained more than once (rolled back and trained again)."""
@@ -123,7 +134,7 @@ def run_ours(rep, tmp, endpoint, step_s):
                                min_members=1, max_members=3, cwd=str(REPO),
                                agent_args=AGENT_FLAGS))
         train_logs = lambda: list((logs / name).glob("*.log"))  # noqa: E731
-        wait(lambda: any(w == 3 for _, _, w in steps_in(train_logs())[-5:]), 180, "world 3")
+        wait(lambda: at_world(steps_in(train_logs()), 3) >= settle(rep), 180, "world 3")
         t0 = time.time()
         pool.submit(Submission(gang, GANG_KIND, (str(tmp / "gang.py"),), min_members=2,
                                max_members=2, priority="high", cwd=str(tmp)))
@@ -177,7 +188,7 @@ def run_baseline(rep, tmp, endpoint, step_s):
             remove_placement_group(pg)
 
     pgs, actors, full_logs = start_job(f"base{rep}-full", 3)
-    wait(lambda: any(w == 3 for _, _, w in steps_in(full_logs)[-5:]), 180, "world 3")
+    wait(lambda: at_world(steps_in(full_logs), 3) >= settle(rep), 180, "world 3")
     t0 = time.time()
     end(pgs, actors)  # the user stops the job to make room
     gpg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
