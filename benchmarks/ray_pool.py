@@ -22,8 +22,8 @@ once, and ends after 2 s.
 Measured per repetition, on the clock of this process and the timestamps the processes print:
   gang running    submission -> the last gang member's process started (its own start-up after)
   gang ready      submission -> the last member through init_process_group and the all-reduce
-  steps lost      steps trained that the job trains again (the baseline: those after its last
-                  checkpoint)
+  steps lost      the job's last step before the change minus the step it resumed from: steps
+                  trained again (the baseline: those since its last checkpoint)
   training gap    the last training step before the change -> the first after it
 
 Results (2 cores, CPU only, Ray 2.60, 3 repetitions, medians):
@@ -36,7 +36,6 @@ import argparse
 import os
 import re
 import statistics
-from collections import Counter
 import sys
 import tempfile
 import threading
@@ -105,13 +104,13 @@ def settle(rep):
 
 def gap_and_lost(steps, t0, old_world, new_world):
     """The training gap: the last step in the old world -> the first in the new one after t0;
-    steps lost: steps rank 0 trained more than once (rolled back and trained again)."""
+    steps lost: the old world's steps the new one trains again (its first step's number is at
+    or below the old world's last)."""
     first = next((s for s in steps if s[0] >= t0 and s[2] == new_world), None)
     last = [s for s in steps if s[2] == old_world and (first is None or s[0] < first[0])]
     if first is None or not last:
         return None, None
-    counts = Counter(step for _, step, _ in steps)
-    return first[0] - last[-1][0], sum(n - 1 for n in counts.values())
+    return first[0] - last[-1][0], max(0, last[-1][1] - first[1] + 1)
 
 
 def agent_args(step_s, ckpt):
