@@ -342,6 +342,18 @@ def test_nodes_are_requested_for_a_gang_that_cannot_fit_and_released_when_idle(
             assert all(text.strip() == "ok" for text in pool.logs("wide").values())
             assert len(pool.logs("wide")) == members
             wait_for(ticking(lambda: provider.removed == 2), 60, what="idle nodes released")
+
+            # code shipped with Ray's runtime_env: the members run in a copy of the directory
+            code = tmp_path / "code"
+            code.mkdir()
+            (code / "hello.py").write_text("import os\nprint(open('data.txt').read(), "
+                                           "os.getcwd() != %r)\n" % str(code))
+            (code / "data.txt").write_text("shipped")
+            pool.submit(Submission("shipped", GANG, ("hello.py",), min_members=1,
+                                   max_members=1, working_dir=str(code)))
+            wait_for(ticking(lambda: pool.status("shipped")["state"] in ("finished", "failed")),
+                     120, what="the shipped gang")
+            assert list(pool.logs("shipped").values()) == ["shipped True\n"], pool.logs("shipped")
             wait_for(lambda: sum(1 for n in ray.nodes() if n["Alive"]
                                  and n["Resources"].get("CPU", 0) >= 1) == workers, 30,
                      what="the pool back at its size")
