@@ -213,6 +213,8 @@ def _submission(args):
         env[key] = value
     name = args.name or f"{args.kind}-{uuid.uuid4().hex[:6]}"
     working_dir = os.path.abspath(args.working_dir) if args.working_dir else None
+    if working_dir and not os.path.isdir(working_dir):
+        raise _Usage(f"--working-dir {args.working_dir}: no such directory")
     common = dict(name=name, command=tuple(cmd), queue=args.queue, priority=args.priority,
                   cpus=args.cpus, memory_mib=args.memory, gpus=args.gpus,
                   working_dir=working_dir, cwd=None if working_dir else os.getcwd(), env=env)

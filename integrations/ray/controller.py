@@ -114,6 +114,7 @@ class Controller:
         self._ending: Dict[str, Any] = {}  # training workloads whose job ended -> its outcome
         self._sized: Dict[str, Tuple[str, int]] = {}  # training workload -> (job, size) set
         self._agent_member: Dict[str, str] = {}  # an agent's node id -> its member's actor name
+        self._packages: Dict[str, str] = {}  # workload -> its working directory's gcs:// URI
         self._written: Dict[str, str] = {}
         self._inventory: List[str] = []
         self._beat = 0.0
@@ -288,11 +289,23 @@ class Controller:
         if sub.memory_mib:
             opts["memory"] = sub.memory_mib * 2**20
         if sub.working_dir:
-            opts["runtime_env"] = {"working_dir": sub.working_dir}
+            opts["runtime_env"] = {"working_dir": self._shipped(sub)}
         run.actor = self._actor_class.options(**opts).remote(
             run.name, os.path.join(self.log_dir, run.workload))
         run.addr_ref = run.actor.address.remote()
         run.phase = CREATING
+
+    def _shipped(self, sub: Submission) -> str:
+        """The submission's --working-dir packaged into the cluster once (a gcs:// URI): Ray
+        takes a local directory only in ray.init's runtime_env, not in an actor's. Ray's own
+        helper for that is private; Ray is pinned below 3 for it."""
+        uri = self._packages.get(sub.name)
+        if uri is None:
+            from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+            env = upload_working_dir_if_needed({"working_dir": sub.working_dir},
+                                               include_gitignore=True)
+            uri = self._packages[sub.name] = env["working_dir"]
+        return uri
 
     def _launch(self, run: Run, argv: List[str], env: Dict[str, str]) -> None:
         sub = self.subs[run.workload]

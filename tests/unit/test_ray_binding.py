@@ -168,3 +168,9 @@ def test_a_spot_notice_in_a_jobs_history_names_the_member_to_drain_and_a_release
               {"event": "preemption_notice", "node": "stranger", "cause": "file"}]
     member_of = {"a1": "job.0.0", "a2": "job.1.0", "a3": "job.2.0"}
     assert noticed_members(events, member_of) == ["job.2.0"]
+
+
+def test_a_missing_working_directory_is_refused_before_etcd(capsys, tmp_path):
+    assert cli.main(["submit", "gang", "--rdzv-endpoint", "127.0.0.1:1", "--members", "1",
+                     "--working-dir", str(tmp_path / "nope"), "--", "x.py"]) == 2
+    assert "no such directory" in capsys.readouterr().err
