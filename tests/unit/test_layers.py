@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("rendezvous", "launcher", "elastic", "integrations")
+PACKAGES = ("rendezvous", "launcher", "elastic", "integrations", "serving")
 COMMAND_LINE = {"elastic.run", "elastic.cli", "elastic.flags", "elastic.torchrun_compat",
                 "elastic.job"}
 
@@ -24,6 +24,8 @@ ALLOWED = {
     "launcher": {"rendezvous", "worker library"},
     "integrations": {"rendezvous", "worker library", "launcher"},
     "command line": {"rendezvous", "worker library", "launcher", "integrations"},
+    # endpoints take capacity only through the autoscaler (integrations.ray)
+    "serving": {"rendezvous", "worker library", "launcher", "integrations"},
 }
 
 

@@ -1,0 +1,1 @@
+"""Autoscaled inference endpoints. `policy` (pure: how many replicas an endpoint wants)."""
