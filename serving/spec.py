@@ -31,6 +31,8 @@ class EndpointSpec:
     timeout_s: float = 30.0
     slo_p95_ms: Optional[float] = None
     idle_s: float = 300.0  # before scale-to-zero, when min_replicas is 0
+    stable_window_s: float = 60.0
+    panic_window_s: float = 6.0
     priority: str = "inference"
     cpus: float = 1.0  # per replica
     memory_mib: int = 0
@@ -40,6 +42,8 @@ class EndpointSpec:
     def policy(self) -> PolicyConfig:
         return PolicyConfig(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
                             target=self.target_concurrency, idle_s=self.idle_s,
+                            stable_window_s=self.stable_window_s,
+                            panic_window_s=self.panic_window_s,
                             slo_p95_s=None if self.slo_p95_ms is None else self.slo_p95_ms / 1000)
 
     def check(self) -> None:

@@ -1,0 +1,120 @@
+"""Endpoints on Ray Serve: one Serve application per endpoint, served at
+`http://127.0.0.1:PORT/NAME` (JSON in, JSON out), its replica count set by this project's policy
+(`serving.policy`) bound as Serve's custom autoscaling policy.
+
+Serve calls the policy every 0.1 s in its controller; Serve's own delays are set to 0 and its
+metrics interval short, since Serve applies its delays to custom policies too and pushes metrics
+every 10 s by default. Ray is imported only inside functions.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import asdict
+from typing import Any, Dict, Optional, Tuple
+
+from .policy import PolicyConfig, PolicyState, Sample, decide, observe
+from .spec import EndpointSpec, check_target
+
+NAMESPACE = "serving"
+METRICS_INTERVAL_S = 0.5
+
+
+class Replica:
+    """One replica: the user's class (built once) or function, called with the request's JSON
+    body; what it returns goes back as JSON."""
+
+    def __init__(self, target: str, path: Optional[str], version: str = "1"):
+        self.version = version
+        obj = check_target(target, path)
+        self.model = obj() if inspect.isclass(obj) else obj
+
+    async def __call__(self, request) -> Any:
+        body = await request.json()
+        out = self.model(body)
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+
+class ServePolicy:
+    """Serve's custom autoscaling policy: this project's policy over Serve's count of requests
+    running and queued. Serve builds it once per deployment (with `policy_kwargs`) and calls it
+    every tick in its controller, so the policy's state lives here."""
+
+    def __init__(self, policy: Dict[str, Any]):
+        self.cfg = PolicyConfig(**policy)
+        self.state = PolicyState()
+        self.reason = ""
+
+    def __call__(self, ctx) -> Tuple[int, Dict[str, Any]]:
+        now = ctx.current_time or time.time()
+        self.state = observe(self.state, Sample(now, float(ctx.total_num_requests)), self.cfg)
+        d = decide(self.state, now, ctx.current_num_replicas, self.cfg)
+        self.state, self.reason = d.state, d.reason
+        return d.replicas, {"reason": d.reason, "panic": d.panic}
+
+
+def deployment(spec: EndpointSpec, path: Optional[str]):
+    """The Serve application of an endpoint (not yet run)."""
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+    actor = {"num_cpus": spec.cpus}
+    if spec.gpus:
+        actor["num_gpus"] = spec.gpus
+    if spec.memory_mib:
+        actor["memory"] = spec.memory_mib * 2**20
+    autoscaling = AutoscalingConfig(
+        min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
+        initial_replicas=max(spec.min_replicas, 1) if spec.min_replicas else 0,
+        upscale_delay_s=0, downscale_delay_s=0, downscale_to_zero_delay_s=0,
+        metrics_interval_s=METRICS_INTERVAL_S, look_back_period_s=2 * METRICS_INTERVAL_S,
+        policy=AutoscalingPolicy(policy_function="serving.endpoint:ServePolicy",
+                                 policy_kwargs={"policy": asdict(spec.policy())}))
+    # Serve versions a deployment by its code and config; spec.version goes into the replicas'
+    # arguments, so a new version is a new config and rolls out.
+    dep = serve.deployment(Replica, name=spec.name, max_ongoing_requests=spec.max_concurrency,
+                           max_queued_requests=spec.max_queued, ray_actor_options=actor,
+                           autoscaling_config=autoscaling)
+    return dep.bind(spec.target, path, spec.version)
+
+
+def connect(address: Optional[str], http_port: int, timeout_s: float) -> None:
+    import ray
+    from ray import serve
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR",
+                 log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port,
+                              "request_timeout_s": timeout_s})
+
+
+def deploy(spec: EndpointSpec, address: Optional[str] = None, http_port: int = 8000,
+           path: Optional[str] = None) -> str:
+    """Run (or update: a new --version rolls out, new replicas ready before old ones go) the
+    endpoint; its URL."""
+    from ray import serve
+    spec.check()
+    check_target(spec.target, path)
+    connect(address, http_port, spec.timeout_s)
+    serve.run(deployment(spec, path), name=spec.name, route_prefix=f"/{spec.name}",
+              blocking=False)
+    return f"http://127.0.0.1:{http_port}/{spec.name}"
+
+
+def status(name: str) -> Dict[str, Any]:
+    from ray import serve
+    apps = serve.status().applications
+    if name not in apps:
+        raise KeyError(f"no endpoint {name!r} (endpoints: {', '.join(sorted(apps)) or 'none'})")
+    app = apps[name]
+    dep = app.deployments.get(name)
+    replicas = dict(dep.replica_states) if dep is not None else {}
+    return {"name": name, "status": str(app.status), "message": app.message,
+            "replicas": {str(k): v for k, v in replicas.items()},
+            "running": replicas.get("RUNNING", 0)}
+
+
+def delete(name: str) -> None:
+    from ray import serve
+    serve.delete(name)
