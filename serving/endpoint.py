@@ -18,6 +18,7 @@ from .spec import EndpointSpec, check_target
 
 NAMESPACE = "serving"
 METRICS_INTERVAL_S = 0.5
+RETRY_AFTER_S = 1  # told to a client turned away because the router's queue is full
 
 
 class Replica:
@@ -75,6 +76,8 @@ def deployment(spec: EndpointSpec, path: Optional[str]):
     # arguments, so a new version is a new config and rolls out.
     dep = serve.deployment(Replica, name=spec.name, max_ongoing_requests=spec.max_concurrency,
                            max_queued_requests=spec.max_queued, ray_actor_options=actor,
+                           backpressure_config={"status_code": 503,
+                                                "retry_after_s": RETRY_AFTER_S},
                            autoscaling_config=autoscaling)
     return dep.bind(spec.target, path, spec.version)
 

@@ -131,3 +131,50 @@ def test_bad_specs_fail_in_one_line_before_ray_is_contacted():
                           "--address", "127.0.0.1:1"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "cannot import 'nope'" in out.stderr
+
+
+def test_beyond_the_routers_queue_a_request_gets_503_with_retry_after(cluster):
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    spec = EndpointSpec("full", "examples.serve_model:Model", min_replicas=1, max_replicas=1,
+                        max_concurrency=1, max_queued=1, cpus=0.5)
+    url = endpoint.deploy(spec, http_port=PORT, path=str(REPO))
+    codes, retry = [], []
+
+    def one():
+        try:
+            call(url, work_s=2.0)
+            codes.append(200)
+        except urllib.error.HTTPError as exc:
+            codes.append(exc.code)
+            retry.append(exc.headers.get("Retry-After"))
+
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    assert codes.count(200) >= 2 and codes.count(503) >= 1, codes  # one running, one queued
+    assert set(retry) == {"1"}
+    endpoint.delete("full")
+
+
+def test_an_update_rolls_out_without_losing_a_request(cluster):
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    spec = EndpointSpec("roll", "examples.serve_model:Model", min_replicas=2, max_replicas=2,
+                        cpus=0.5)
+    url = endpoint.deploy(spec, http_port=PORT, path=str(REPO))
+    load = Load(url, clients=4, work_s=0.05)
+    try:
+        time.sleep(2)
+        before = load.ok
+        endpoint.deploy(EndpointSpec(**{**spec.__dict__, "version": "2"}), http_port=PORT,
+                        path=str(REPO))  # returns once the new version runs
+        time.sleep(2)
+    finally:
+        load.stop()
+    assert load.failed == [] and load.ok > before > 0
+    assert endpoint.status("roll")["running"] == 2
+    endpoint.delete("roll")
