@@ -171,7 +171,7 @@ def main() -> int:
                 cap = "never" if r["capacity_s"] is None else f"{r['capacity_s']:.1f} s"
                 print(f"{kind:<8} rep {rep}: capacity {cap}, p50 {r['p50_ms']:.0f} ms, p99 "
                       f"{r['p99_ms']:.0f} ms (unloaded p99 {r['unloaded_p99_ms']:.0f} ms), "
-                      f"failed {r["failed"]} of {r["requests"]}, replica-s "
+                      f"failed {r['failed']} of {r['requests']}, replica-s "
                       f"{r['replica_s']:.0f}", flush=True)
     finally:
         serve.shutdown()
