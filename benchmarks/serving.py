@@ -105,7 +105,7 @@ def deploy(kind, name):
                            autoscaling_config=AutoscalingConfig(
                                min_replicas=1, max_replicas=NEEDED,
                                target_ongoing_requests=TARGET))
-    serve.run(dep.bind(spec.target, str(REPO)), name=name, route_prefix=f"/{name}",
+    serve.run(dep.bind(spec.target, str(REPO), "1", TARGET), name=name, route_prefix=f"/{name}",
               blocking=False)
     return f"http://127.0.0.1:{PORT}/{name}"
 

@@ -8,8 +8,10 @@ every 10 s by default. Ray is imported only inside functions.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,17 +27,21 @@ class Replica:
     """One replica: the user's class (built once) or function, called with the request's JSON
     body; what it returns goes back as JSON."""
 
-    def __init__(self, target: str, path: Optional[str], version: str = "1"):
+    def __init__(self, target: str, path: Optional[str], version: str = "1",
+                 concurrency: int = 8):
         self.version = version
         obj = check_target(target, path)
         self.model = obj() if inspect.isclass(obj) else obj
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model")
 
     async def __call__(self, request) -> Any:
         body = await request.json()
-        out = self.model(body)
-        if inspect.isawaitable(out):
-            out = await out
-        return out
+        if inspect.iscoroutinefunction(self.model) or \
+                inspect.iscoroutinefunction(getattr(self.model, "__call__", None)):
+            return await self.model(body)
+        # A plain model runs on a thread: on the replica's event loop it would serve one request
+        # at a time, whatever --max-concurrency says.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.model, body)
 
 
 class ServePolicy:
@@ -79,7 +85,7 @@ def deployment(spec: EndpointSpec, path: Optional[str]):
                            backpressure_config={"status_code": 503,
                                                 "retry_after_s": RETRY_AFTER_S},
                            autoscaling_config=autoscaling)
-    return dep.bind(spec.target, path, spec.version)
+    return dep.bind(spec.target, path, spec.version, spec.max_concurrency)
 
 
 def connect(address: Optional[str], http_port: int, timeout_s: float) -> None:

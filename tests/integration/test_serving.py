@@ -178,3 +178,21 @@ def test_an_update_rolls_out_without_losing_a_request(cluster):
     assert load.failed == [] and load.ok > before > 0
     assert endpoint.status("roll")["running"] == 2
     endpoint.delete("roll")
+
+
+def test_a_plain_model_serves_its_max_concurrency_at_once(cluster):
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    spec = EndpointSpec("wide", "examples.serve_model:Model", min_replicas=1, max_replicas=1,
+                        max_concurrency=4, cpus=0.5)
+    url = endpoint.deploy(spec, http_port=PORT, path=str(REPO))
+    call(url)
+    started = time.time()
+    threads = [threading.Thread(target=call, args=(url, 1.0)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # four 1 s requests on one replica at once: about 1 s, not 4 (a sync model on a thread)
+    assert time.time() - started < 2.5
+    endpoint.delete("wide")
