@@ -24,8 +24,19 @@ seconds, each client calling back to back with a 10 s timeout. Measured:
   failed         requests that failed or timed out
   replica-s      replicas running, integrated over the run
 
-Results: see the table it prints (not yet recorded in a session; the closing note of the session
-that wrote it says what was run).
+Results (`python benchmarks/serving.py --reps 2`: 2 cores, CPU only, Ray 2.60, medians of 2
+alternating repetitions):
+
+              capacity s  p50 ms  p99 ms  unloaded p99  failed  replica-s
+    ours            12.1    1034    1167          1022       0        209
+    default         49.9    1036    1179          1019       0         92
+
+Ours reaches the 4 replicas 4.1x sooner, and over the 60 s of load answers 796-802 requests
+against Serve's default 315-325 (the default runs 40 s short of capacity: its 30 s upscale delay
+and 10 s metrics); once at capacity both hold p99 within 1.15x of the unloaded p99, no request
+failed. Most of ours' 12 s is the three new replicas starting together (import torch, build the
+model) on two loaded cores; the policy asks for them within ~2 s of the step. Not measured yet:
+the Alibaba GenAI trace replay, the latency over the whole load (the ramp included).
 """
 from __future__ import annotations
 
