@@ -4,10 +4,12 @@
         [--max-concurrency 8] [--max-queued 64] [--timeout 30] [--slo-ms MS] [--idle 300]
         [--cpus 1] [--memory MIB] [--gpus N] [--version V] [--address RAY] [--http-port 8000]
     python -m serving status NAME [--json]
+    python -m serving scale NAME [--min N] [--max N]
+    python -m serving update NAME [--version V] [--target MODULE:NAME]
     python -m serving delete NAME
 
-`deploy` of a name that runs already updates it (a new --version rolls out: new replicas are
-ready before old ones go). The spec is checked before Ray is contacted; bad input is one line on
+`update` (or a `deploy` of a running name) rolls out a new version: new replicas are ready
+before old ones go. `scale` changes the bounds the policy chooses within. The spec is checked before Ray is contacted; bad input is one line on
 stderr and exit code 2.
 """
 from __future__ import annotations
@@ -53,9 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gpus", type=float, default=0.0)
     d.add_argument("--version", default="1")
     d.add_argument("--working-dir", default=None, help="where MODULE is (default: here)")
-    for verb in ("status", "delete"):
+    for verb in ("status", "delete", "scale", "update"):
         v = sub.add_parser(verb)
         v.add_argument("name")
+        if verb == "scale":
+            v.add_argument("--min", type=int, default=None, dest="min_replicas")
+            v.add_argument("--max", type=int, default=None, dest="max_replicas")
+        if verb == "update":
+            v.add_argument("--version", default=None, help="default: the next number")
+            v.add_argument("--target", default=None, help="a new MODULE:NAME")
     for q in sub.choices.values():
         q.add_argument("--address", default=None, help="the Ray cluster (default: auto)")
         q.add_argument("--http-port", type=int, default=8000)
@@ -90,6 +98,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"endpoint {spec.name} at {url}")
             return 0
         endpoint.connect(args.address, args.http_port, 30.0)
+        if args.command in ("scale", "update"):
+            if args.command == "scale":
+                spec = endpoint.scale(args.name, args.min_replicas, args.max_replicas,
+                                      args.http_port)
+            else:
+                spec = endpoint.update(args.name, args.version, args.target, args.http_port)
+            print(spec.to_json() if args.json else
+                  f"{spec.name}: {spec.min_replicas}..{spec.max_replicas} replicas, version "
+                  f"{spec.version}")
+            return 0
         if args.command == "status":
             st = endpoint.status(args.name)
             print(json.dumps(st, indent=2) if args.json else
@@ -99,6 +117,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             endpoint.delete(args.name)
             print(f"deleted {args.name}")
         return 0
-    except (KeyError, ConnectionError, ValueError) as exc:
+    except (KeyError, ConnectionError, ValueError, SpecError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return USAGE_ERROR

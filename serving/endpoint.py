@@ -12,7 +12,8 @@ import asyncio
 import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+import json
+from dataclasses import asdict, replace
 from typing import Any, Dict, Optional, Tuple
 
 from .policy import PolicyConfig, PolicyState, Sample, decide, observe
@@ -108,7 +109,46 @@ def deploy(spec: EndpointSpec, address: Optional[str] = None, http_port: int = 8
     connect(address, http_port, spec.timeout_s)
     serve.run(deployment(spec, path), name=spec.name, route_prefix=f"/{spec.name}",
               blocking=False)
+    _save(spec, path)
     return f"http://127.0.0.1:{http_port}/{spec.name}"
+
+
+def _save(spec: EndpointSpec, path: Optional[str]) -> None:
+    """The spec, kept in the cluster (Ray's key-value store) for `scale` and `update`."""
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_put(f"endpoint/{spec.name}",
+                                 json.dumps({"spec": spec.to_json(), "path": path}),
+                                 namespace=NAMESPACE)
+
+
+def load(name: str) -> Tuple[EndpointSpec, Optional[str]]:
+    from ray.experimental import internal_kv
+    raw = internal_kv._internal_kv_get(f"endpoint/{name}", namespace=NAMESPACE)
+    if raw is None:
+        raise KeyError(f"no endpoint {name!r} deployed by `python -m serving` on this cluster")
+    kept = json.loads(raw)
+    return EndpointSpec.from_json(kept["spec"]), kept["path"]
+
+
+def scale(name: str, min_replicas: Optional[int] = None, max_replicas: Optional[int] = None,
+          http_port: int = 8000) -> EndpointSpec:
+    """New bounds for the running endpoint (the policy keeps choosing within them)."""
+    spec, path = load(name)
+    spec = replace(spec, min_replicas=spec.min_replicas if min_replicas is None else min_replicas,
+                   max_replicas=spec.max_replicas if max_replicas is None else max_replicas)
+    deploy(spec, http_port=http_port, path=path)
+    return spec
+
+
+def update(name: str, version: Optional[str] = None, target: Optional[str] = None,
+           http_port: int = 8000) -> EndpointSpec:
+    """Roll out a new version (new replicas ready before the old ones drain)."""
+    spec, path = load(name)
+    new_version = version or (str(int(spec.version) + 1) if spec.version.isdigit()
+                              else f"{spec.version}+1")
+    spec = replace(spec, version=new_version, target=target or spec.target)
+    deploy(spec, http_port=http_port, path=path)
+    return spec
 
 
 def status(name: str) -> Dict[str, Any]:
@@ -126,4 +166,6 @@ def status(name: str) -> Dict[str, Any]:
 
 def delete(name: str) -> None:
     from ray import serve
+    from ray.experimental import internal_kv
     serve.delete(name)
+    internal_kv._internal_kv_del(f"endpoint/{name}", namespace=NAMESPACE)

@@ -170,8 +170,7 @@ def test_an_update_rolls_out_without_losing_a_request(cluster):
     try:
         time.sleep(2)
         before = load.ok
-        endpoint.deploy(EndpointSpec(**{**spec.__dict__, "version": "2"}), http_port=PORT,
-                        path=str(REPO))  # returns once the new version runs
+        assert endpoint.update("roll", http_port=PORT).version == "2"  # once it runs
         time.sleep(2)
     finally:
         load.stop()
@@ -196,3 +195,28 @@ def test_a_plain_model_serves_its_max_concurrency_at_once(cluster):
     # four 1 s requests on one replica at once: about 1 s, not 4 (a sync model on a thread)
     assert time.time() - started < 2.5
     endpoint.delete("wide")
+
+
+def test_scale_changes_the_bounds_of_a_running_endpoint(cluster):
+    import subprocess
+    import sys
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    spec = EndpointSpec("bounds", "examples.serve_model:Model", min_replicas=1, max_replicas=2,
+                        cpus=0.5)
+    url = endpoint.deploy(spec, http_port=PORT, path=str(REPO))
+    call(url)
+    out = subprocess.run([sys.executable, "-m", "serving", "scale", "bounds", "--min", "2",
+                          "--address", "auto", "--http-port", str(PORT), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["min_replicas"] == 2
+    wait_for(lambda: running("bounds") == 2, 60, what="two replicas after scale --min 2")
+    bad = subprocess.run([sys.executable, "-m", "serving", "scale", "bounds", "--min", "3",
+                          "--address", "auto", "--http-port", str(PORT)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert bad.returncode == 2 and "max replicas (2) must be >= 1 and >= min (3)" in bad.stderr
+    assert running("bounds") == 2
+    endpoint.delete("bounds")
