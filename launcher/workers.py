@@ -181,7 +181,7 @@ def _prctl():
     return fn
 
 
-def _die_with_agent(agent_pid: int):
+def die_with_agent(agent_pid: int):
     """preexec_fn making the kernel SIGKILL the worker when the agent dies, even by SIGKILL."""
     prctl, sigkill = _prctl(), int(signal.SIGKILL)
 
@@ -361,7 +361,7 @@ class WorkerGroup:
             name = f"round{assignment.round}" if assignment else "standby"
             round_dir = os.path.join(self.spec.log_dir, name)
             os.makedirs(round_dir, exist_ok=True)
-        preexec, base = _die_with_agent(os.getpid()), dict(os.environ)
+        preexec, base = die_with_agent(os.getpid()), dict(os.environ)
         self.started_at = time.time()
         if self._scratch is None:
             self._scratch = make_scratch(SCRATCH_PREFIX)

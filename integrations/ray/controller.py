@@ -136,14 +136,13 @@ class Controller:
         return self
 
     def serve(self, stop: threading.Event) -> None:
-        watch = self.store._client.add_watch_prefix_callback(
-            "/elastic-ray/", lambda _event: self._wake.set())
+        watch = self.store.watch(lambda _event: self._wake.set())
         try:
             while not stop.is_set():
                 self.tick()
                 self._idle(stop)
         finally:
-            self.store._client.cancel_watch(watch)
+            self.store.cancel_watch(watch)
 
     def _idle(self, stop: threading.Event) -> None:
         """Until the next tick, or sooner: something written under the prefix (a submission,

@@ -14,7 +14,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from launcher.network import free_port
-from launcher.workers import _die_with_agent
+from launcher.workers import die_with_agent
 
 TAIL_BYTES = 16_384
 
@@ -57,7 +57,7 @@ class MemberProcess:
                 self._proc = subprocess.Popen(
                     argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     cwd=cwd or os.getcwd(), env={**os.environ, **env},
-                    preexec_fn=_die_with_agent(os.getpid()))
+                    preexec_fn=die_with_agent(os.getpid()))
         except OSError as exc:
             self._error = f"cannot start {argv[0]}: {exc}"
             self._code = 127

@@ -93,6 +93,13 @@ class PoolStore:
     def put_record(self, name: str, record: Record) -> None:
         self._client.put(f"{PREFIX}/records/{name}", record.to_json())
 
+    def watch(self, callback) -> int:
+        """Call `callback(event)` on every write under the prefix; returns the watch id."""
+        return self._client.add_watch_prefix_callback(f"{PREFIX}/", callback)
+
+    def cancel_watch(self, watch_id: int) -> None:
+        self._client.cancel_watch(watch_id)
+
     def clear_stop(self, name: str) -> None:
         self._client.delete(f"{PREFIX}/stop/{name}")
 
