@@ -3,14 +3,18 @@
     python -m serving deploy MODULE:NAME --name NAME [--min 1] [--max 4] [--target-concurrency 4]
         [--max-concurrency 8] [--max-queued 64] [--timeout 30] [--slo-ms MS] [--idle 300]
         [--cpus 1] [--memory MIB] [--gpus N] [--version V] [--address RAY] [--http-port 8000]
+        [--rdzv-endpoint HOST:PORT [--queue default]]
     python -m serving status NAME [--json]
     python -m serving scale NAME [--min N] [--max N]
     python -m serving update NAME [--version V] [--target MODULE:NAME]
     python -m serving delete NAME
 
 `update` (or a `deploy` of a running name) rolls out a new version: new replicas are ready
-before old ones go. `scale` changes the bounds the policy chooses within. The spec is checked before Ray is contacted; bad input is one line on
-stderr and exit code 2.
+before old ones go. `scale` changes the bounds the policy chooses within. With `--rdzv-endpoint`
+the endpoint joins the shared pool of `python -m integrations.ray controller` (same etcd): its
+replicas are granted by the pool's scheduler, which takes capacity from elastic training when the
+pool is full. The spec is checked before Ray is contacted; bad input is one line on stderr and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gpus", type=float, default=0.0)
     d.add_argument("--version", default="1")
     d.add_argument("--working-dir", default=None, help="where MODULE is (default: here)")
+    d.add_argument("--rdzv-endpoint", default=None, dest="pool", metavar="HOST:PORT",
+                   help="the shared pool's etcd: replicas only as its controller grants them")
+    d.add_argument("--queue", default="default", help="the pool's queue (with --rdzv-endpoint)")
     for verb in ("status", "delete", "scale", "update"):
         v = sub.add_parser(verb)
         v.add_argument("name")
@@ -110,9 +117,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "status":
             st = endpoint.status(args.name)
+            pool = st.get("pool")
+            granted = "" if pool is None else \
+                f"; the pool grants {pool['granted']} of {pool['asked']} asked ({pool['state']})"
             print(json.dumps(st, indent=2) if args.json else
                   f"{st['name']}: {st['status']}, {st['running']} replica(s) running "
-                  f"{st['replicas']}")
+                  f"{st['replicas']}{granted}")
         else:
             endpoint.delete(args.name)
             print(f"deleted {args.name}")

@@ -50,17 +50,22 @@ class ServePolicy:
     running and queued. Serve builds it once per deployment (with `policy_kwargs`) and calls it
     every tick in its controller, so the policy's state lives here."""
 
-    def __init__(self, policy: Dict[str, Any]):
+    def __init__(self, policy: Dict[str, Any], pool: Optional[Dict[str, str]] = None):
         self.cfg = PolicyConfig(**policy)
         self.state = PolicyState()
         self.reason = ""
+        self.grant = None
+        if pool is not None:  # in the shared pool: Serve runs what the pool grants of the ask
+            from .pool import Grant
+            self.grant = Grant(pool["etcd"], pool["name"])
 
     def __call__(self, ctx) -> Tuple[int, Dict[str, Any]]:
         now = ctx.current_time or time.time()
         self.state = observe(self.state, Sample(now, float(ctx.total_num_requests)), self.cfg)
         d = decide(self.state, now, ctx.current_num_replicas, self.cfg)
         self.state, self.reason = d.state, d.reason
-        return d.replicas, {"reason": d.reason, "panic": d.panic}
+        replicas = d.replicas if self.grant is None else self.grant(d.replicas)
+        return replicas, {"reason": d.reason, "panic": d.panic, "wanted": d.replicas}
 
 
 def deployment(spec: EndpointSpec, path: Optional[str]):
@@ -72,13 +77,16 @@ def deployment(spec: EndpointSpec, path: Optional[str]):
         actor["num_gpus"] = spec.gpus
     if spec.memory_mib:
         actor["memory"] = spec.memory_mib * 2**20
+    kwargs: Dict[str, Any] = {"policy": asdict(spec.policy())}
+    if spec.pool:
+        kwargs["pool"] = {"etcd": spec.pool, "name": spec.name}
     autoscaling = AutoscalingConfig(
         min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
         initial_replicas=max(spec.min_replicas, 1) if spec.min_replicas else 0,
         upscale_delay_s=0, downscale_delay_s=0, downscale_to_zero_delay_s=0,
         metrics_interval_s=METRICS_INTERVAL_S, look_back_period_s=2 * METRICS_INTERVAL_S,
         policy=AutoscalingPolicy(policy_function="serving.endpoint:ServePolicy",
-                                 policy_kwargs={"policy": asdict(spec.policy())}))
+                                 policy_kwargs=kwargs))
     # Serve versions a deployment by its code and config; spec.version goes into the replicas'
     # arguments, so a new version is a new config and rolls out.
     dep = serve.deployment(Replica, name=spec.name, max_ongoing_requests=spec.max_concurrency,
@@ -95,7 +103,10 @@ def connect(address: Optional[str], http_port: int, timeout_s: float) -> None:
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR",
                  log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port,
+    # One HTTP proxy, on the head node: the endpoint's URL is the head's (proxies on every node
+    # would also collide on one port when a test cluster's nodes share 127.0.0.1).
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": http_port,
                               "request_timeout_s": timeout_s})
 
 
@@ -106,6 +117,9 @@ def deploy(spec: EndpointSpec, address: Optional[str] = None, http_port: int = 8
     from ray import serve
     spec.check()
     check_target(spec.target, path)
+    if spec.pool:  # the pool refuses a bad queue or size before Serve changes anything
+        from .pool import register
+        register(spec)
     connect(address, http_port, spec.timeout_s)
     serve.run(deployment(spec, path), name=spec.name, route_prefix=f"/{spec.name}",
               blocking=False)
@@ -159,13 +173,28 @@ def status(name: str) -> Dict[str, Any]:
     app = apps[name]
     dep = app.deployments.get(name)
     replicas = dict(dep.replica_states) if dep is not None else {}
-    return {"name": name, "status": str(app.status), "message": app.message,
-            "replicas": {str(k): v for k, v in replicas.items()},
-            "running": replicas.get("RUNNING", 0)}
+    out = {"name": name, "status": str(app.status), "message": app.message,
+           "replicas": {str(k): v for k, v in replicas.items()},
+           "running": replicas.get("RUNNING", 0)}
+    try:
+        spec, _ = load(name)
+    except KeyError:
+        spec = None
+    if spec is not None and spec.pool:
+        from .pool import describe
+        out["pool"] = describe(spec.pool, name)
+    return out
 
 
 def delete(name: str) -> None:
     from ray import serve
     from ray.experimental import internal_kv
+    try:
+        spec, _ = load(name)
+    except KeyError:
+        spec = None
     serve.delete(name)
+    if spec is not None and spec.pool:
+        from .pool import unregister
+        unregister(spec.pool, name)
     internal_kv._internal_kv_del(f"endpoint/{name}", namespace=NAMESPACE)

@@ -38,6 +38,8 @@ class EndpointSpec:
     memory_mib: int = 0
     gpus: float = 0.0
     version: str = "1"
+    pool: Optional[str] = None  # the shared pool's etcd (HOST:PORT): replicas only as granted
+    queue: str = "default"  # the pool's queue it is submitted to
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(min_replicas=self.min_replicas, max_replicas=self.max_replicas,
@@ -64,6 +66,9 @@ class EndpointSpec:
             raise SpecError(f"{where}: --timeout must be > 0, got {self.timeout_s:g}")
         if self.cpus < 0 or self.memory_mib < 0 or self.gpus < 0:
             raise SpecError(f"{where}: --cpus, --memory and --gpus must not be negative")
+        if self.pool is not None and self.gpus != int(self.gpus):
+            raise SpecError(f"{where}: in the shared pool (--rdzv-endpoint) --gpus is a whole "
+                            f"number, got {self.gpus:g}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

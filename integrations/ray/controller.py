@@ -12,6 +12,8 @@ Every tick (and at once when something is submitted or stopped) it
      member's process in the actor); members Ray holds and the state does not are taken away:
      a training member through the job client's `release` (it leaves at a step boundary; its
      bundle is freed when its agent has gone), anything else at once;
+     an endpoint has no members of its own to start: Ray Serve runs its replicas, as many as
+     the record grants (`serving` reads the grant and writes the count its policy asks for);
   6. writes what changed to etcd, so a restarted controller continues from there.
 
 Actors and placement groups are detached: they outlive a controller that dies, and the next one
@@ -29,17 +31,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rendezvous.client import JobClient, JobError
 
-from .inventory import alive_nodes, noticed_members
+from .inventory import alive_nodes, noticed_members, replica_nodes
 from .members import MemberProcess
 from .providers import NodeProvider, NoProvider
 from .scheduler import (Config, ReleaseNodes, RequestNodes, State, Step, SubmissionError, add_node,
-                        apply, drain_node, finish, mark_ready, parse, remove_node, restore, step,
-                        submit)
+                        apply, drain_node, finish, mark_ready, parse, rebind, remove_node, restore,
+                        set_replicas, step, submit)
 from .scheduler.decisions import Release
 from .scheduler.model import Binding
 from .scheduler.state import expire_requests
 from .scheduler.workload import Member
-from .spec import (GANG, MEMBER_LABEL, PLACEMENTS, TRAIN, Submission, agent_command, gang_command,
+from .spec import (ENDPOINT, GANG, MEMBER_LABEL, PLACEMENTS, TRAIN, Submission, agent_command, gang_command,
                    gang_env, job_id, member_name, worst_exit)
 from .store import ENDED, FAILED, FINISHED, PENDING, RUNNING, STOPPED, PoolStore, Record
 
@@ -115,6 +117,9 @@ class Controller:
         self._sized: Dict[str, Tuple[str, int]] = {}  # training workload -> (job, size) set
         self._agent_member: Dict[str, str] = {}  # an agent's node id -> its member's actor name
         self._packages: Dict[str, str] = {}  # workload -> its working directory's gcs:// URI
+        self._asked: Dict[str, int] = {}  # endpoint -> the replica count last taken in
+        self._observed = 0.0  # when the endpoints' replicas were last looked for
+        self._cold: Dict[str, int] = {}  # endpoint -> Serve replicas waiting for a node
         self._written: Dict[str, str] = {}
         self._inventory: List[str] = []
         self._beat = 0.0
@@ -171,6 +176,8 @@ class Controller:
         now = self.clock()
         self._sync_inventory(now)
         self._take_submissions(now)
+        self._observe_endpoints(now)
+        self._take_replicas(now)
         self._take_stops(now)
         self._poll(now)
         self._close_ended(now)
@@ -214,12 +221,69 @@ class Controller:
             self.subs[name] = sub
             rec = self.records.setdefault(name, Record())
             try:
-                self.state = submit(self.state, sub.workload(), now)
+                w = sub.workload()
+                if sub.kind == ENDPOINT:  # it enters the scheduler when it asks for replicas
+                    rec.note(now, "endpoint registered")
+                    continue
+                self.state = submit(self.state, w, now)
             except SubmissionError as exc:
                 self._end(name, FAILED, f"refused: {exc}", now)
                 continue
             rec.reason = "queued"
             rec.note(now, f"submitted to queue {sub.queue}")
+
+    def _take_replicas(self, now: float) -> None:
+        """Each endpoint's replica count as its policy asks (its min until it asks): more goes to
+        the scheduler (which frees capacity from lower classes if it must), fewer leaves now,
+        none takes it out of the scheduler until it asks again."""
+        asks = self.store.replicas()
+        for name, sub in self.subs.items():
+            rec = self.records[name]
+            if sub.kind != ENDPOINT or rec.state in ENDED:
+                continue
+            ask = max(asks.get(name, sub.min_members), 0)  # within the policy's bounds
+            if ask == 0 and self._cold.get(name):
+                ask = 1  # Serve's cold start: it starts one replica without asking the policy
+            if self._asked.get(name) == ask:
+                continue
+            self._asked[name] = ask
+            in_core = name in self.state.admitted or name in self.state.pending
+            if ask == 0:
+                if in_core:
+                    self.state = finish(self.state, name, now)
+                rec.state, rec.reason, rec.members, rec.ready = RUNNING, "scaled to zero", (), False
+                rec.note(now, "scaled to zero: its capacity is back in the pool")
+            elif not in_core:
+                self.state = submit(self.state, sub.workload(ask), now)
+                rec.state, rec.reason = PENDING, "queued"
+                rec.note(now, f"asks for {ask} replica(s)")
+            else:
+                self.state = set_replicas(self.state, name, ask, now)
+                rec.note(now, f"asks for {ask} replica(s)")
+
+    def _observe_endpoints(self, now: float) -> None:
+        """What Ray Serve does on its own, read from Ray's actor table (at most twice a second):
+        it places replicas and picks which one goes when it scales down, so the scheduler's
+        members of each endpoint follow the nodes its replicas really run on; and from zero
+        replicas it starts one at the first request without asking the policy (its cold-start
+        path), so a replica waiting for a node counts as an ask for one."""
+        live = [n for n, sub in self.subs.items()
+                if sub.kind == ENDPOINT and self.records[n].state not in ENDED]
+        if not live or now - self._observed < 0.5:
+            return
+        self._observed = now
+        from ray._private import state as ray_state  # the GCS actor table (Ray < 3)
+        try:
+            alive = ray_state.actors(actor_state_name="ALIVE")
+            waiting = ray_state.actors(actor_state_name="PENDING_CREATION")
+        except Exception as exc:
+            log.warning("could not read Ray's actor table (%s)", exc)
+            return
+        for name in live:
+            self._cold[name] = len(replica_nodes(waiting, name, state="PENDING_CREATION"))
+            nodes = replica_nodes(alive, name)
+            if nodes and name in self.state.admitted:
+                self.state = rebind(self.state, name, nodes, now)
 
     def _take_stops(self, now: float) -> None:
         for name, req in self.store.stops().items():
@@ -424,7 +488,8 @@ class Controller:
     def _reconcile(self, now: float) -> None:
         admitted = self.state.admitted
         for name, rec in self.records.items():
-            if rec.state == RUNNING and name not in admitted:  # evicted: preempted, requeued, lost
+            if rec.state == RUNNING and name not in admitted and self._asked.get(name) != 0:
+                # evicted: preempted, requeued, lost
                 rec.state, rec.members, rec.ready = PENDING, (), False
                 rec.attempt += 1
                 rec.note(now, "evicted; back in its queue")
@@ -446,6 +511,8 @@ class Controller:
             rec.members = tuple({"id": m.id, "node": m.node, "gpus": list(m.binding.gpu_indices),
                                  "joined_at": m.joined_at} for m in a.members)
             rec.next_member = a.next_member
+            if sub.kind == ENDPOINT:
+                continue  # Ray Serve starts its replicas once the record grants them
             if sub.kind == GANG:
                 if (name, rec.attempt) not in self.gang_groups:
                     self._place_gang(name, a, rec.attempt, now)
@@ -570,7 +637,7 @@ class Controller:
             if a.ready:
                 continue
             gen = self.records[name].attempt
-            if all(self.runs.get((name, gen, m.id)) is not None and
+            if self.subs[name].kind == ENDPOINT or all(self.runs.get((name, gen, m.id)) is not None and
                    self.runs[(name, gen, m.id)].phase == STARTED for m in a.members):
                 self.state = mark_ready(self.state, name)
                 self.records[name].ready = True
@@ -618,6 +685,9 @@ class Controller:
             self.subs[name], self.records[name] = sub, rec
             self._written[name] = rec.to_json()
             if rec.state in ENDED:
+                continue
+            if sub.kind == ENDPOINT:
+                self._restore_endpoint(name, sub, rec, now)
                 continue
             w = sub.workload()
             found: Dict[str, Any] = {}
@@ -669,6 +739,24 @@ class Controller:
                 self.state = submit(self.state, w, sub.submitted_at)
             except SubmissionError as exc:
                 self._end(name, FAILED, f"refused after a restart: {exc}", now)
+
+    def _restore_endpoint(self, name: str, sub: Submission, rec: Record, now: float) -> None:
+        """An endpoint has no actors of its own: its grant is what the record says (Serve kept
+        its replicas running meanwhile); a pending one asks again at the next tick."""
+        if rec.state != RUNNING:
+            rec.state = PENDING
+            return
+        if not rec.members:
+            self._asked[name] = 0
+            return
+        members = tuple(Member(m["id"], Binding(m["node"], tuple(m["gpus"])), m["joined_at"])
+                        for m in rec.members if m["node"] in self.state.nodes)
+        try:
+            self.state = restore(self.state, sub.workload(len(members)), rec.flavor, members, now,
+                                 sub.submitted_at, rec.next_member, True)
+            self._asked[name] = len(members)
+        except SubmissionError as exc:
+            self._end(name, FAILED, f"refused after a restart: {exc}", now)
 
     # -- used by tests and the benchmark -------------------------------------------------------
     def runs_of(self, name: str) -> List[Run]:

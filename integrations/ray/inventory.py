@@ -44,3 +44,13 @@ def noticed_members(events: Iterable[Mapping], member_of: Mapping[str, str]) -> 
             if member is not None and member not in out:
                 out.append(member)
     return out
+
+
+def replica_nodes(actors: Mapping[str, Mapping], endpoint: str, state: str = "ALIVE") -> List[str]:
+    """The nodes an endpoint's Serve replicas in `state` are on, one entry per replica (empty
+    for one not placed yet), from Ray's actor table (Serve names a replica's class
+    `ServeReplica:<app>:<deployment>`; an endpoint of `python -m serving` is one application
+    with one deployment, both named after it)."""
+    cls = f"ServeReplica:{endpoint}:{endpoint}"
+    return sorted(a["Address"]["NodeID"] for a in actors.values()
+                  if a.get("ActorClassName") == cls and a.get("State") == state)

@@ -1,7 +1,7 @@
 """What a user submits to the shared Ray pool, and what each member is started with. Pure: no Ray,
 no etcd, no clock.
 
-Two kinds, as `python -m integrations.ray submit` names them:
+Three kinds; `python -m integrations.ray submit` names the first two:
 
   train  an elastic training job: min..max members, each an agent of this project
          (`python -m elastic.run`) running `--nproc-per-node` workers of the script; the members
@@ -10,6 +10,9 @@ Two kinds, as `python -m integrations.ray submit` names them:
   gang   `members` processes of one command, all started at once or none; each gets torchrun's
          variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, ...), so a plain DDP
          script runs as a gang.
+  endpoint  an inference endpoint of `python -m serving` (registered by `serving deploy
+         --rdzv-endpoint`): no process of its own; Ray Serve runs its replicas, as many as the
+         scheduler granted of what the endpoint's policy asks for (`min_members` may be 0).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from .scheduler import Shape, SubmissionError, Workload
 from .scheduler.workload import SAME_NODE, check
 
-TRAIN, GANG = "train", "gang"
-KINDS = (TRAIN, GANG)
+TRAIN, GANG, ENDPOINT = "train", "gang", "endpoint"
+KINDS = (TRAIN, GANG, ENDPOINT)
 # A gang's --placement -> Ray's placement-group strategy. strict-pack is also the scheduler's
 # same-node constraint; the others are Ray's to enforce on the nodes the scheduler chose.
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict-pack": "STRICT_PACK",
@@ -66,7 +69,7 @@ class Submission:
                                   "starting and ending with a letter or digit")
         if self.kind not in KINDS:
             raise SubmissionError(f"{where}: kind must be {' or '.join(KINDS)}, got {self.kind!r}")
-        if not self.command:
+        if not self.command and self.kind != ENDPOINT:
             raise SubmissionError(f"{where}: give the command to run (train: the script)")
         if self.placement not in PLACEMENTS:
             raise SubmissionError(f"{where}: --placement must be one of "
@@ -78,15 +81,25 @@ class Submission:
             raise SubmissionError(f"{where}: --cpus, --memory and --gpus must not be negative")
         if self.kind == GANG and self.min_members != self.max_members:
             raise SubmissionError(f"{where}: a gang has one size (--members)")
+        if self.min_members < (0 if self.kind == ENDPOINT else 1) or \
+                self.max_members < max(self.min_members, 1):
+            raise SubmissionError(f"{where}: members must be within 1..max, max >= 1 (an "
+                                  f"endpoint's min may be 0); got {self.min_members}.."
+                                  f"{self.max_members}")
 
-    def workload(self) -> Workload:
-        """The scheduler's view: one member = one bundle of cpus/memory/gpus."""
+    def workload(self, replicas: int = 0) -> Workload:
+        """The scheduler's view: one member = one bundle of cpus/memory/gpus. An endpoint's
+        asks for `replicas` (at least one: at zero it is not in the scheduler at all)."""
         self.check()
         shape = Shape(cpu_milli=round(self.cpus * 1000), memory_mib=self.memory_mib,
                       gpus=self.gpus)
         kw = dict(queue=self.queue, priority_class=self.priority)
         if self.kind == TRAIN:
             w = Workload.elastic(self.name, self.min_members, self.max_members, shape, **kw)
+        elif self.kind == ENDPOINT:
+            ask = max(replicas, self.min_members, 1)  # its policy keeps it within its bounds
+            w = Workload.inference(self.name, ask, shape, min_replicas=max(self.min_members, 1),
+                                   **kw)
         else:
             constraint = SAME_NODE if self.placement == "strict-pack" else None
             w = Workload.gang(self.name, self.max_members, shape, constraint=constraint, **kw)

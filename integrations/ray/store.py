@@ -7,6 +7,8 @@ jobs' `/elastic/<job>/`, so the job client does not list them as jobs):
     /elastic-ray/workloads/<name>    what was submitted (spec.Submission), written once
     /elastic-ray/records/<name>      what the controller made of it (Record)
     /elastic-ray/stop/<name>         a request to stop it
+    /elastic-ray/replicas/<name>     an endpoint's replica count, as its policy asks for it:
+                                     {"replicas", "time"} (written by `serving`)
 
 A restarted controller reads the workloads and records back and continues from them.
 """
@@ -146,6 +148,18 @@ class PoolStore:
     def stops(self) -> Dict[str, dict]:
         return {name: json.loads(v) for name, v in self._prefix("stop").items()}
 
+    def ask_replicas(self, name: str, replicas: int) -> None:
+        self._client.put(f"{PREFIX}/replicas/{name}",
+                         json.dumps({"replicas": replicas, "time": time.time()}))
+
+    def replicas(self) -> Dict[str, int]:
+        return {name: int(json.loads(v)["replicas"])
+                for name, v in self._prefix("replicas").items()}
+
+    def record(self, name: str) -> Optional[Record]:
+        value = self._get(f"records/{name}")
+        return None if value is None else Record.from_json(value)
+
     def delete_workload(self, name: str) -> None:
-        for sub in ("workloads", "records", "stop"):
+        for sub in ("workloads", "records", "stop", "replicas"):
             self._client.delete(f"{PREFIX}/{sub}/{name}")

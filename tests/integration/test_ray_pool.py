@@ -360,3 +360,124 @@ def test_nodes_are_requested_for_a_gang_that_cannot_fit_and_released_when_idle(
     finally:
         ctl.close()
         clear_pool()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url, work_s, timeout=60):
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps({"inputs": [[0.1] * 8],
+                                                      "work_s": work_s}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
+        cluster, pool_etcd, tmp_path):
+    """The pool is full of training; a load step on a scaled-to-zero endpoint takes a node from
+    the job (released at a step boundary), and after the load the endpoint scales to zero and
+    the job grows back onto it. No request fails and no committed step is lost."""
+    from integrations.ray.client import PoolClient
+    from integrations.ray.spec import TRAIN, Submission
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    c, _ = cluster
+    size = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1)
+    mark = new_mark()
+    (tmp_path / "records").mkdir()
+    pacer = Pacer(tmp_path / "allowance")
+    ctl = ControllerProcess(c.address, pool_etcd, tmp_path)
+    deployed = False
+    try:
+        with PoolClient(pool_etcd) as pool:
+            pool.submit(Submission(
+                "trainer", TRAIN, (SCRIPT, "--checkpoint", tmp_path / "state.ckpt", "--out",
+                                   tmp_path / "params.pt", "--record-dir", tmp_path / "records",
+                                   "--allowance-file", tmp_path / "allowance", "--epochs",
+                                   EPOCHS, "--dataset", DATASET),
+                min_members=1, max_members=size, cpus=1, cwd=str(REPO),
+                env={"ELASTIC_TEST_MARK": mark},
+                agent_args=("--global-batch-size", "10", "--max-micro-batch", "4",
+                            "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
+                            "--log-dir", str(tmp_path / "logs"))))
+        wait_for(lambda: trained_at(tmp_path, size), 120, what=f"trainer training at {size}")
+        full = rounds(tmp_path)
+
+        spec = EndpointSpec("ep", "examples.serve_model:Model", min_replicas=0, max_replicas=1,
+                            target_concurrency=2, cpus=1, idle_s=4, stable_window_s=4,
+                            panic_window_s=1, pool=pool_etcd)
+        url = endpoint.deploy(spec, http_port=free_port(), path=str(REPO))
+        deployed = True
+        wait_for(lambda: status(pool_etcd, "ep")["reason"] == "scaled to zero", 30,
+                 what="the endpoint registered at zero replicas")
+        assert active_world(pool_etcd, "trainer") == size  # an idle endpoint takes nothing
+
+        # a load step: the first requests wait for the node the job gives up
+        answers, failures = [], []
+
+        def client():
+            for _ in range(4):
+                try:
+                    answers.append(call(url, 0.5))
+                except OSError as exc:
+                    failures.append(repr(exc))
+
+        started = time.time()
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(status(pool_etcd, "ep")["members"]) == 1, 60,
+                 what="the endpoint granted a node")
+        wait_for(lambda: active_world(pool_etcd, "trainer") == size - 1, 60,
+                 what="the job one node smaller")
+        for t in threads:
+            t.join(120)
+        print(f"12 requests answered {time.time() - started:.1f} s after the load step")
+        assert failures == [] and len(answers) == 12 and all(a["outputs"] for a in answers)
+        granted = status(pool_etcd, "ep")["members"][0]["node"]
+        trainer_nodes = {m["node"] for m in status(pool_etcd, "trainer")["members"]}
+        assert granted not in trainer_nodes
+        assert endpoint.status("ep")["pool"]["granted"] == 1
+        released = [e for e in read_events(tmp_path / "logs")
+                    if e["event"] == "node_left" and e["cause"] == "released" and "outcome" in e]
+        assert [e["outcome"] for e in released] == ["left at a step boundary"]
+        shrunk = rounds(tmp_path)
+        assert shrunk > full
+
+        # after the load: scaled to zero, and the job grows back onto the node
+        wait_for(lambda: status(pool_etcd, "ep")["reason"] == "scaled to zero", 60,
+                 what="the endpoint back at zero")
+        wait_for(lambda: trained_at(tmp_path, size, after=shrunk), 120,
+                 what=f"trainer training at {size} again")
+        endpoint.delete("ep")
+        deployed = False
+        assert "ep" not in {w["name"] for w in PoolClient(pool_etcd).list()}
+        pacer.finish()
+        wait_for(lambda: status(pool_etcd, "trainer")["state"] != "running", 180,
+                 what="the job to end")
+        assert status(pool_etcd, "trainer")["state"] == "finished"
+    finally:
+        pacer.finish()
+        if deployed:
+            from ray import serve
+            serve.delete("ep")
+        ctl.stop()
+        clear_pool()
+    # every sample exactly once per epoch, and nothing trained twice: the node left at a step
+    # boundary
+    steps, attempts = surviving_steps(tmp_path / "records")
+    assert sorted(steps) == list(range(1, EPOCHS * DATASET // 10 + 1))
+    trained = {s: exactly_what_was_trained(s, recs) for s, recs in steps.items()}
+    for epoch in range(EPOCHS):
+        used = [i for e, batch in trained.values() if e == epoch for i in batch]
+        assert sorted(used) == list(range(DATASET)), f"epoch {epoch}"
+    recomputed = {s: sorted({r["round"] for r in recs}) for s, recs in attempts.items()
+                  if len({r["round"] for r in recs}) > 1}
+    assert recomputed == {}
+    wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")

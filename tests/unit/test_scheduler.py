@@ -4,7 +4,7 @@ import pytest
 from integrations.ray.scheduler import (Admit, Config, ConfigError, Gpu, Node, Preempt, Release,
                                         ReleaseNodes, Requeue, RequestNodes, Reserve, Resize,
                                         Shape, State, SubmissionError, Workload, add_node, apply,
-                                        finish, mark_ready, parse, remove_node, set_replicas,
+                                        finish, mark_ready, parse, rebind, remove_node, set_replicas,
                                         step, submit)
 from integrations.ray.scheduler.config import load
 from integrations.ray.scheduler.model import Binding
@@ -472,6 +472,38 @@ def test_an_endpoint_takes_capacity_from_training_and_gives_it_back():
     state, result = run(state, 6)
     assert sizes(state) == {"train": 7, "serve": 1}
     assert [d.workload for d in result.of(Resize)] == ["train"]
+
+
+def cpu_node(name):
+    return Node(name, 1000, 4 * GIB)
+
+
+def test_endpoint_members_follow_where_serve_runs_the_replicas():
+    """Serve places replicas and picks which one goes on a scale-down; the core's accounting
+    follows, so the node Serve freed is the one training grows back onto."""
+    state = State.of(Config.default(), [cpu_node(n) for n in "abc"])
+    state = submit(state, Workload.inference("serve", 2, Shape(cpu_milli=1000)), 0)
+    state, _ = run(state, 1)
+    placed = sorted(m.node for m in state.admitted["serve"].members)
+    [free] = sorted(set("abc") - set(placed))
+    # Serve ran one replica on the node the core left free, not on the second one it chose.
+    observed = [placed[0], free]
+    state = rebind(state, "serve", observed, 2)
+    assert sorted(m.node for m in state.admitted["serve"].members) == sorted(observed)
+    assert state.nodes[placed[1]].used_cpu_milli == 0 and state.nodes[free].used_cpu_milli == 1000
+    # A training job now grows onto the node Serve really left free.
+    state = submit(state, Workload.elastic("train", 1, 3, Shape(cpu_milli=1000)), 3)
+    state, _ = run(state, 4)
+    assert [m.node for m in state.admitted["train"].members] == [placed[1]]
+    # Serve scaled down by stopping the replica the core counted as the older one.
+    state = set_replicas(state, "serve", 1, 5)  # the core lets the newest member go...
+    state = rebind(state, "serve", [free], 6)  # ...but the replica on `free` is the one left
+    assert [m.node for m in state.admitted["serve"].members] == [free]
+    assert state.nodes[placed[0]].used_cpu_milli == 0
+    # A node the core gave to someone else is never double-booked: the member stays put.
+    before = state
+    state = rebind(state, "serve", [placed[1]], 7)
+    assert state is before
 
 
 # ---- nodes --------------------------------------------------------------------------------------

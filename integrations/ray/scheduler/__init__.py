@@ -15,13 +15,13 @@ from .config import Config, ConfigError, load, parse
 from .decisions import (Admit, Preempt, Release, ReleaseNodes, Requeue, RequestNodes, Reserve,
                         Resize, Step, Unreserve)
 from .model import Gpu, ModelError, Node, Shape
-from .state import (State, add_node, apply, drain_node, finish, mark_ready, remove_node,
-                    restore, set_replicas, submit)
+from .state import (State, add_node, apply, drain_node, finish, mark_ready, rebind,
+                    remove_node, restore, set_replicas, submit)
 from .step import step
 from .workload import SubmissionError, Workload
 
 __all__ = ["Config", "ConfigError", "load", "parse", "Admit", "Preempt", "Release",
            "ReleaseNodes", "Requeue", "RequestNodes", "Reserve", "Resize", "Step", "Unreserve",
            "Gpu", "ModelError", "Node", "Shape", "State", "add_node", "apply", "drain_node",
-           "finish", "mark_ready", "remove_node", "restore", "set_replicas", "submit", "step",
+           "finish", "mark_ready", "rebind", "remove_node", "restore", "set_replicas", "submit", "step",
            "SubmissionError", "Workload"]

@@ -17,7 +17,7 @@ from .decisions import (Admit, Preempt, Release, ReleaseNodes, Requeue, RequestN
                         Resize, Step, Unreserve)
 from .model import Node, Shape, allocate, can_hold, totals
 from .pool import PoolIndex
-from .workload import (SAME_NODE, Admitted, Member, NodeRequest, Pending, Reservation,
+from .workload import (INFERENCE, SAME_NODE, Admitted, Member, NodeRequest, Pending, Reservation,
                        SubmissionError, Workload, check)
 
 
@@ -300,6 +300,46 @@ def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
     if a.size > replicas:
         state = _remove_members(state, name, tuple(m.id for m in a.members[replicas:]), now)
     return state
+
+
+def rebind(state: State, name: str, nodes: Iterable[str], now: float) -> State:
+    """Where an endpoint's replicas really run (`nodes`, one entry per running replica): Ray
+    Serve places replicas itself, so a member the core put on one node may run on another, and
+    Serve chooses which replica goes when it scales down. A member on a node that runs none of
+    the replicas moves to a node that runs one no member accounts for, if it fits there. The
+    member count does not change here (`set_replicas` does that)."""
+    from collections import Counter
+    from .model import Binding, gpu_choice
+    a = state.admitted.get(name)
+    if a is None or a.workload.kind != INFERENCE:
+        return state
+    unclaimed = Counter(n for n in nodes if n in state.nodes)
+    astray = []
+    for m in a.members:
+        if unclaimed[m.node] > 0:
+            unclaimed[m.node] -= 1
+        else:
+            astray.append(m)
+    targets = [n for n, count in sorted(unclaimed.items()) for _ in range(count)]
+    if not astray or not targets:
+        return state
+    shape = a.workload.shape
+    changed: Dict[str, Node] = {}
+    moved: Dict[str, Member] = {}
+    for m, target in zip(astray, targets):
+        node = changed.get(target) or state.nodes[target]
+        gpus = gpu_choice(node, shape)
+        if gpus is None:  # the core gave that room to someone else: the member stays put
+            continue
+        changed[target] = allocate(node, shape, gpus)
+        if m.node in state.nodes:
+            old = changed.get(m.node) or state.nodes[m.node]
+            changed[m.node] = allocate(old, shape, m.binding.gpu_indices, sign=-1)
+        moved[m.id] = replace(m, binding=Binding(target, gpus))
+    if not moved:
+        return state
+    a = replace(a, members=tuple(moved.get(m.id, m) for m in a.members))
+    return _with_nodes(state, changed, now, admitted={**state.admitted, name: a})
 
 
 def add_node(state: State, node: Node, now: float) -> State:
