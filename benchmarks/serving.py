@@ -162,10 +162,15 @@ def run_once(kind, rep, clients, load_s):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=("step", "trace", "pool"), default="step")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--load-s", type=float, default=60.0)
     args = p.parse_args()
+    if args.scenario == "trace":
+        return main_trace(args.reps)
+    if args.scenario == "pool":
+        return main_pool(args.reps)
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -199,6 +204,272 @@ def main() -> int:
         print(f"{kind:<9}{cap:>11}{med['p50_ms']:>8.0f}{med['p99_ms']:>8.0f}"
               f"{med['unloaded_p99_ms']:>14.0f}{med['failed']:>8.0f}{med['replica_s']:>11.0f}"
               + (f"   (capacity in {len(caps)} of {len(rows)})" if len(caps) < len(rows) else ""))
+    return 0
+
+
+# -- (b) a replay of the Alibaba GenAI trace's request rate ----------------------------------------
+
+TRACE = REPO / "benchmarks" / "data" / "genai" / "qps_5min.csv"
+TRACE_SLICE = (44, 84)  # 5-minute windows: a fall to ~1/20 of the peak, a sharp rise, a plateau
+WINDOW_S = 3.0  # each 5-minute window replayed in 3 s: 100x compression, 120 s in all
+PEAK_RPS = 10.0  # the slice's peak scaled to this: ~10 requests of 1 s at once, 3 replicas' worth
+
+
+def trace_rates():
+    import csv
+    with open(TRACE, newline="") as f:
+        qps = [float(r["qps_sum"]) for r in csv.DictReader(f)]
+    part = qps[TRACE_SLICE[0]:TRACE_SLICE[1]]
+    return [q * PEAK_RPS / max(part) for q in part]
+
+
+class OpenLoop:
+    """Requests arriving at the trace's rate (Poisson within each window), each on its own
+    thread, whatever the answers: users do not wait for each other."""
+
+    def __init__(self, url, rates, seed):
+        import random
+        self.url, self.rates, self.records = url, rates, []
+        self.rng = random.Random(seed)
+        self.threads = []
+        self.start = time.time()
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+        self.feeder.start()
+
+    def _one(self):
+        t0 = time.time()
+        try:
+            call(self.url)
+            self.records.append((t0, time.time() - t0))
+        except (urllib.error.URLError, OSError, ValueError):
+            self.records.append((t0, None))
+
+    def _feed(self):
+        t = self.start
+        for i, rate in enumerate(self.rates):
+            end = self.start + (i + 1) * WINDOW_S
+            while rate > 0:
+                t += self.rng.expovariate(rate)
+                if t >= end:
+                    t = end
+                    break
+                time.sleep(max(0.0, t - time.time()))
+                th = threading.Thread(target=self._one, daemon=True)
+                th.start()
+                self.threads.append(th)
+            time.sleep(max(0.0, end - time.time()))
+            t = max(t, end)
+
+    def rate_at(self, now):
+        i = int((now - self.start) // WINDOW_S)
+        return self.rates[i] if 0 <= i < len(self.rates) else 0.0
+
+    def join(self):
+        self.feeder.join()
+        for th in self.threads:
+            th.join(30)
+
+
+def run_trace(kind, rep, rates):
+    from ray import serve
+    name = f"t{kind}{rep}"
+    url = deploy(kind, name)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            call(url)
+            break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    load = OpenLoop(url, rates, seed=rep)
+    replica_s = short_s = 0.0
+    last = time.time()
+    while load.feeder.is_alive():
+        time.sleep(0.25)
+        now, n = time.time(), running(name)
+        replica_s += n * (now - last)
+        if n * TARGET < load.rate_at(now) * WORK_S:  # fewer replicas than the load needs
+            short_s += now - last
+        last = now
+    load.join()
+    serve.delete(name)
+    done = sorted(lat for _, lat in load.records if lat is not None)
+
+    def pct(q):
+        return done[min(len(done) - 1, int(q * len(done)))] * 1000 if done else float("nan")
+    return {"p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "failed": sum(1 for _, lat in load.records if lat is None),
+            "requests": len(load.records), "replica_s": replica_s, "short_s": short_s}
+
+
+def main_trace(reps) -> int:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+    rates = trace_rates()
+    print(f"replaying windows {TRACE_SLICE[0]}..{TRACE_SLICE[1] - 1} of the GenAI trace: "
+          f"{len(rates)} x 5 min in {len(rates) * WINDOW_S:.0f} s, peak {PEAK_RPS:g} req/s, "
+          f"low {min(rates):.2f} req/s", flush=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4,
+                                                            "include_dashboard": False})
+    ray.init(address=cluster.address, namespace="serving", logging_level="ERROR",
+             log_to_driver=False)
+    results = {"ours": [], "default": []}
+    try:
+        for rep in range(reps):
+            for kind in ("ours", "default"):
+                r = run_trace(kind, rep, rates)
+                results[kind].append(r)
+                print(f"{kind:<8} rep {rep}: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                      f"failed {r['failed']} of {r['requests']}, replica-s {r['replica_s']:.0f}, "
+                      f"under-provisioned {r['short_s']:.1f} s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"\n{'':<9}{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}{'requests':>10}{'replica-s':>11}"
+          f"{'short s':>9}   (medians of {reps}; 2 cores, CPU only)")
+    for kind, rows in results.items():
+        m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(f"{kind:<9}{m['p50_ms']:>8.0f}{m['p99_ms']:>8.0f}{m['failed']:>8.0f}"
+              f"{m['requests']:>10.0f}{m['replica_s']:>11.0f}{m['short_s']:>9.1f}")
+    return 0
+
+
+# -- (c) an endpoint that borrows nodes from elastic training ------------------------------------
+
+POOL_NODES = 3
+POOL_WORK_S = 1.0
+POOL_CLIENTS = 4  # 2 per replica: the endpoint needs 2 of the 3 nodes under the load
+
+
+def run_pool(kind, rep, tmp, etcd, load_s=30.0):
+    """ours: a 1:3 training job in the pool and a scale-to-zero endpoint of the pool; the
+    partition: a 1:2 job and the endpoint on the third node with Serve's default policy (what a
+    platform team does today so that training cannot starve the endpoint)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig
+    from ray_pool import AGENT_FLAGS, agent_args, at_world, gap_and_lost, steps_in, wait
+
+    from integrations.ray.client import PoolClient
+    from integrations.ray.spec import TRAIN as TRAIN_KIND
+    from integrations.ray.spec import Submission
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+    name, ep = f"train-{kind}{rep}", f"ep-{kind}{rep}"
+    width = POOL_NODES if kind == "ours" else POOL_NODES - 1
+    logs = tmp / "members" / name
+    with PoolClient(etcd) as pool:
+        pool.submit(Submission(name, TRAIN_KIND, agent_args(0.05, str(tmp / f"{name}.ckpt")),
+                               min_members=1, max_members=width, cwd=str(REPO),
+                               agent_args=AGENT_FLAGS))
+        train = lambda: steps_in(logs.glob("*.log"))  # noqa: E731
+        wait(lambda: at_world(train(), width) >= 12, 180, f"training at {width}")
+        spec = EndpointSpec(ep, "examples.serve_model:Model", min_replicas=0, max_replicas=2,
+                            target_concurrency=2, max_concurrency=2, max_queued=1000, cpus=1,
+                            idle_s=5, stable_window_s=6, panic_window_s=2, pool=etcd)
+        if kind == "ours":
+            url = endpoint.deploy(spec, http_port=PORT, path=str(REPO))
+        else:
+            endpoint.connect(None, PORT, spec.timeout_s)
+            dep = serve.deployment(endpoint.Replica, name=ep, max_ongoing_requests=2,
+                                   max_queued_requests=1000, ray_actor_options={"num_cpus": 1},
+                                   autoscaling_config=AutoscalingConfig(
+                                       min_replicas=1, max_replicas=2,
+                                       target_ongoing_requests=2))
+            serve.run(dep.bind(spec.target, str(REPO), "1", 2), name=ep, route_prefix=f"/{ep}",
+                      blocking=False)
+            url = f"http://127.0.0.1:{PORT}/{ep}"
+            wait(lambda: running(ep) == 1, 60, "the partition's replica")
+        step = time.time()
+        load = Clients(url, POOL_CLIENTS)
+        capacity_at = None
+        while time.time() - step < load_s:
+            time.sleep(0.25)
+            if capacity_at is None and running(ep) >= 2:
+                capacity_at = time.time()
+        load.stop()
+        ended = time.time()
+        if kind == "ours":
+            wait(lambda: any(w == width and t > ended for t, _, w in train()), 120,
+                 "training back at full size")
+        time.sleep(max(0.0, ended + 20 - time.time()))  # the window counted: to the load's end + 20 s
+        steps = train()
+        gap, lost = gap_and_lost(steps, step, width, 1) if kind == "ours" else (0.0, 0)
+        regrown = next((t for t, _, w in steps if t > ended and w == width), None)
+        window = [s for s in steps if step - 10 <= s[0] <= ended + 20]
+        if kind == "ours":
+            endpoint.delete(ep)
+        else:
+            serve.delete(ep)
+        pool.stop(name)
+        wait(lambda: pool.status(name)["state"] in ("stopped", "finished", "failed"), 120,
+             "the job to stop")
+    steady_from = capacity_at if capacity_at is not None else step + load_s / 2
+    steady = sorted(lat for t, lat in load.records if lat is not None and t >= steady_from)
+    first = min((t + lat for t, lat in load.records if lat is not None), default=None)
+    return {"capacity_s": None if capacity_at is None else capacity_at - step,
+            "first_answer_s": None if first is None else first - step,
+            "p99_ms": steady[min(len(steady) - 1, int(0.99 * len(steady)))] * 1000
+            if steady else float("nan"),
+            "failed": sum(1 for _, lat in load.records if lat is None),
+            "steps_lost": lost, "gap_s": gap,
+            "regrow_s": None if regrown is None else regrown - ended,
+            "steps_in_window": len(window)}
+
+
+def main_pool(reps) -> int:
+    import logging
+    import tempfile
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from integrations.ray.controller import NAMESPACE, Controller
+    from rendezvous.embedded import EmbeddedEtcd
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="serving-pool-bench-"))
+    results = {"ours": [], "partition": []}
+    with EmbeddedEtcd() as etcd:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False})
+        for _ in range(POOL_NODES):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="ERROR",
+                 log_to_driver=False)
+        ctl = Controller(etcd.endpoint, log_dir=str(tmp / "members"), tick_s=0.2).start()
+        stop = threading.Event()
+        loop = threading.Thread(target=ctl.serve, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            for rep in range(reps):
+                for kind in ("ours", "partition"):
+                    r = run_pool(kind, rep, tmp, etcd.endpoint)
+                    results[kind].append(r)
+                    print(f"{kind:<10} rep {rep}: {json.dumps(r)}", flush=True)
+        finally:
+            stop.set()
+            loop.join(30)
+            ctl.close()
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
+
+    def med(rows, k):
+        xs = [r[k] for r in rows if r[k] is not None]
+        return statistics.median(xs) if xs else None
+
+    def fmt(x, f="{:.1f}"):
+        return "never" if x is None else f.format(x)
+    print(f"\n{'':<11}{'1st answer s':>13}{'2 replicas s':>13}{'p99 ms':>8}{'failed':>8}"
+          f"{'steps lost':>11}{'gap s':>7}{'regrow s':>9}{'steps':>7}   (medians of {reps})")
+    for kind, rows in results.items():
+        print(f"{kind:<11}{fmt(med(rows, 'first_answer_s')):>13}{fmt(med(rows, 'capacity_s')):>13}"
+              f"{fmt(med(rows, 'p99_ms'), '{:.0f}'):>8}{fmt(med(rows, 'failed'), '{:.0f}'):>8}"
+              f"{fmt(med(rows, 'steps_lost'), '{:.0f}'):>11}{fmt(med(rows, 'gap_s'), '{:.2f}'):>7}"
+              f"{fmt(med(rows, 'regrow_s')):>9}{fmt(med(rows, 'steps_in_window'), '{:.0f}'):>7}")
     return 0
 
 

@@ -22,6 +22,8 @@ from .spec import EndpointSpec, SpecError
 
 log = logging.getLogger(__name__)
 READ_EVERY_S = 0.2  # Serve calls the policy every 0.1 s; the grant is read at most this often
+RETRY_AFTER_S = 5.0  # etcd out of reach: the next try (Serve's loop must not block on it)
+ETCD_TIMEOUT_S = 1.0
 
 
 def granted(rec: Optional[Record]) -> int:
@@ -39,19 +41,22 @@ class Grant:
         self._store: Optional[PoolStore] = None
         self._asked: Optional[int] = None
         self._granted, self._read, self._warned = 0, float("-inf"), float("-inf")
+        self._failed = float("-inf")
 
     def __call__(self, wanted: int) -> int:
         now = self.clock()
-        if wanted != self._asked or now - self._read >= self.every_s:
+        due = wanted != self._asked or now - self._read >= self.every_s
+        if due and now - self._failed >= RETRY_AFTER_S:
             try:
                 if self._store is None:
-                    self._store = PoolStore(self.etcd)
+                    self._store = PoolStore(self.etcd, timeout=ETCD_TIMEOUT_S)
                 if wanted != self._asked:
                     self._store.ask_replicas(self.name, wanted)
                     self._asked = wanted
                 self._granted = granted(self._store.record(self.name))
                 self._read = now
             except Exception as exc:  # noqa: BLE001 - any etcd failure: keep the last grant
+                self._failed = now
                 if now - self._warned > 30:
                     log.warning("endpoint %s: the pool at %s is out of reach (%s); keeping the "
                                 "last grant of %d", self.name, self.etcd, exc, self._granted)

@@ -68,7 +68,8 @@ class Submission:
             raise SubmissionError(f"{where}: a name is 1-63 lower-case letters, digits and '-', "
                                   "starting and ending with a letter or digit")
         if self.kind not in KINDS:
-            raise SubmissionError(f"{where}: kind must be {' or '.join(KINDS)}, got {self.kind!r}")
+            raise SubmissionError(f"{where}: kind must be one of {', '.join(KINDS)}, got "
+                                  f"{self.kind!r}")
         if not self.command and self.kind != ENDPOINT:
             raise SubmissionError(f"{where}: give the command to run (train: the script)")
         if self.placement not in PLACEMENTS:

@@ -220,3 +220,26 @@ def test_scale_changes_the_bounds_of_a_running_endpoint(cluster):
     assert bad.returncode == 2 and "max replicas (2) must be >= 1 and >= min (3)" in bad.stderr
     assert running("bounds") == 2
     endpoint.delete("bounds")
+
+
+def test_the_policy_asks_the_pool_and_serve_runs_only_what_it_grants():
+    """The handshake's Serve side against a real etcd (no Ray needed): the ask is written at
+    once, the grant read back; Serve runs min(asked, granted); etcd gone keeps the last grant."""
+    from integrations.ray.store import RUNNING, PoolStore, Record
+    from rendezvous.embedded import EmbeddedEtcd
+    from serving.pool import Grant
+    clock = [0.0]
+    with EmbeddedEtcd() as etcd:
+        store = PoolStore(etcd.endpoint)
+        grant = Grant(etcd.endpoint, "ep", clock=lambda: clock[0])
+        assert grant(3) == 0  # nothing granted yet: Serve starts nothing
+        assert store.replicas() == {"ep": 3}
+        store.put_record("ep", Record(state=RUNNING, members=({"id": "ep/0"}, {"id": "ep/1"})))
+        assert grant(3) == 0  # read again only after READ_EVERY_S...
+        clock[0] += 1
+        assert grant(3) == 2  # ...then two of the three
+        assert grant(1) == 1  # fewer wanted: at once, and the pool is told
+        assert store.replicas() == {"ep": 1}
+        store.close()
+    clock[0] += 1
+    assert grant(4) == 2 and grant(1) == 1  # etcd gone: the last grant holds, nothing raised

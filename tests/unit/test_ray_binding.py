@@ -4,13 +4,13 @@ admission, and the command line's errors."""
 import pytest
 
 from integrations.ray import cli
-from integrations.ray.inventory import alive_nodes, node_from_ray
+from integrations.ray.inventory import alive_nodes, node_from_ray, replica_nodes
 from integrations.ray.scheduler import (Config, Node, Shape, State, SubmissionError, Workload,
                                         restore, step, submit)
 from integrations.ray.scheduler.model import Binding
 from integrations.ray.scheduler.state import apply
 from integrations.ray.scheduler.workload import SAME_NODE, Member
-from integrations.ray.spec import (GANG, MEMBER_LABEL, TRAIN, Submission, agent_command,
+from integrations.ray.spec import (ENDPOINT, GANG, MEMBER_LABEL, TRAIN, Submission, agent_command,
                                    gang_command, gang_env, job_id, worst_exit)
 from integrations.ray.store import HISTORY_KEPT, Record
 
@@ -35,9 +35,31 @@ def test_a_strict_pack_gang_must_share_a_node_and_others_leave_it_to_ray():
     assert spread.constraint is None
 
 
+def test_an_endpoint_is_an_inference_workload_of_the_replicas_it_asks_for():
+    sub = Submission("ep", ENDPOINT, (), min_members=0, max_members=8, cpus=0.5)
+    sub.check()  # no command, and a min of 0: it scales to zero
+    w = sub.workload()
+    assert (w.kind, w.min_size, w.max_size, w.klass) == ("inference", 1, 1, "inference")
+    assert sub.workload(5).max_size == 5 and sub.workload(5).min_size == 1
+    assert Submission("ep", ENDPOINT, (), min_members=2, max_members=8).workload().min_size == 2
+
+
+def test_serves_replicas_are_found_in_rays_actor_table_by_their_class():
+    def actor(cls, node, state="ALIVE"):
+        return {"ActorClassName": cls, "State": state, "Address": {"NodeID": node}}
+    table = {"1": actor("ServeReplica:ep:ep", "b"), "2": actor("ServeReplica:ep:ep", "a"),
+             "3": actor("ServeReplica:other:other", "a"), "4": actor("ServeController", "h"),
+             "5": actor("ServeReplica:ep:ep", "", "PENDING_CREATION"),
+             "6": actor("ServeReplica:ep:ep", "c", "DEAD")}
+    assert replica_nodes(table, "ep") == ["a", "b"]
+    assert replica_nodes(table, "ep", state="PENDING_CREATION") == [""]
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(name="Team_A"), "lower-case letters"),
-    (dict(kind="batch"), "kind must be train or gang"),
+    (dict(kind="batch"), "kind must be one of train, gang, endpoint"),
+    (dict(min_members=0), "members must be within 1..max"),
+    (dict(kind=ENDPOINT, min_members=0, max_members=0), "max >= 1"),
     (dict(command=()), "give the command"),
     (dict(placement="tight"), "--placement must be one of pack, spread"),
     (dict(kind=GANG, min_members=1, max_members=2), "a gang has one size"),
