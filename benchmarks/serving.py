@@ -93,10 +93,21 @@ class Clients:
 
 
 def running(name):
+    return states(name).get("RUNNING", 0)
+
+
+def states(name):
+    """Replicas of the deployment by state (STARTING, RUNNING, STOPPING, ...)."""
     from ray import serve
     app = serve.status().applications.get(name)
     dep = app.deployments.get(name) if app else None
-    return dict(dep.replica_states).get("RUNNING", 0) if dep else 0
+    return {str(getattr(k, "value", k)): v for k, v in dict(dep.replica_states).items()} \
+        if dep else {}
+
+
+def asked(counts):
+    """Replicas the policy has asked Serve for: all but those stopping."""
+    return sum(v for k, v in counts.items() if k != "STOPPING")
 
 
 def deploy(kind, name):
@@ -138,12 +149,15 @@ def run_once(kind, rep, clients, load_s):
     unloaded = [lat for _, lat in quiet.records if lat is not None]
     step = time.time()
     load = Clients(url, clients)
-    capacity_at, replica_s, last = None, 0.0, step
+    capacity_at, asked_at, replica_s, last = None, None, 0.0, step
     while time.time() - step < load_s:
         time.sleep(0.25)
-        now, n = time.time(), running(name)
+        counts = states(name)
+        now, n = time.time(), counts.get("RUNNING", 0)
         replica_s += n * (now - last)
         last = now
+        if asked_at is None and asked(counts) >= NEEDED:
+            asked_at = now
         if capacity_at is None and n >= NEEDED:
             capacity_at = now
     load.stop()
@@ -155,6 +169,7 @@ def run_once(kind, rep, clients, load_s):
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
     return {"capacity_s": None if capacity_at is None else capacity_at - step,
+            "asked_s": None if asked_at is None else asked_at - step,
             "p50_ms": pct(steady, 0.5), "p99_ms": pct(steady, 0.99), "failed": failed,
             "replica_s": replica_s, "unloaded_p99_ms": pct(sorted(unloaded), 0.99),
             "requests": len(load.records)}
@@ -185,7 +200,8 @@ def main() -> int:
                 r = run_once(kind, rep, args.clients, args.load_s)
                 results[kind].append(r)
                 cap = "never" if r["capacity_s"] is None else f"{r['capacity_s']:.1f} s"
-                print(f"{kind:<8} rep {rep}: capacity {cap}, p50 {r['p50_ms']:.0f} ms, p99 "
+                ask = "never" if r["asked_s"] is None else f"{r['asked_s']:.1f} s"
+                print(f"{kind:<8} rep {rep}: asked for {NEEDED} after {ask}, capacity {cap}, p50 {r['p50_ms']:.0f} ms, p99 "
                       f"{r['p99_ms']:.0f} ms (unloaded p99 {r['unloaded_p99_ms']:.0f} ms), "
                       f"failed {r['failed']} of {r['requests']}, replica-s "
                       f"{r['replica_s']:.0f}", flush=True)
@@ -193,7 +209,7 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    print(f"\n{'':<9}{'capacity s':>11}{'p50 ms':>8}{'p99 ms':>8}{'unloaded p99':>14}"
+    print(f"\n{'':<9}{'asked s':>8}{'capacity s':>11}{'p50 ms':>8}{'p99 ms':>8}{'unloaded p99':>14}"
           f"{'failed':>8}{'replica-s':>11}   (medians of {args.reps}; 1 -> {args.clients} "
           "clients; 2 cores, CPU only)")
     for kind, rows in results.items():
@@ -201,7 +217,9 @@ def main() -> int:
         med = {k: statistics.median(r[k] for r in rows)
                for k in ("p50_ms", "p99_ms", "unloaded_p99_ms", "failed", "replica_s")}
         cap = f"{statistics.median(caps):.1f}" if caps else "never"
-        print(f"{kind:<9}{cap:>11}{med['p50_ms']:>8.0f}{med['p99_ms']:>8.0f}"
+        asks = [r["asked_s"] for r in rows if r["asked_s"] is not None]
+        ask = f"{statistics.median(asks):.1f}" if asks else "never"
+        print(f"{kind:<9}{ask:>8}{cap:>11}{med['p50_ms']:>8.0f}{med['p99_ms']:>8.0f}"
               f"{med['unloaded_p99_ms']:>14.0f}{med['failed']:>8.0f}{med['replica_s']:>11.0f}"
               + (f"   (capacity in {len(caps)} of {len(rows)})" if len(caps) < len(rows) else ""))
     return 0
@@ -284,20 +302,27 @@ def run_trace(kind, rep, rates):
     load = OpenLoop(url, rates, seed=rep)
     replica_s = short_s = 0.0
     last = time.time()
+    short = []  # (from, to): fewer replicas than the load needs
     while load.feeder.is_alive():
         time.sleep(0.25)
         now, n = time.time(), running(name)
         replica_s += n * (now - last)
-        if n * TARGET < load.rate_at(now) * WORK_S:  # fewer replicas than the load needs
+        if n * TARGET < load.rate_at(now) * WORK_S:
             short_s += now - last
+            short.append((last, now))
         last = now
     load.join()
     serve.delete(name)
     done = sorted(lat for _, lat in load.records if lat is not None)
+    # "steady": requests sent while the endpoint had the replicas the load needed, and not in
+    # the 10 s after a shortage (the queue it left drains meanwhile)
+    steady = sorted(lat for t, lat in load.records if lat is not None
+                    and not any(a <= t <= b + 10 for a, b in short))
 
-    def pct(q):
-        return done[min(len(done) - 1, int(q * len(done)))] * 1000 if done else float("nan")
-    return {"p50_ms": pct(0.5), "p99_ms": pct(0.99),
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
+    return {"p50_ms": pct(done, 0.5), "p99_ms": pct(done, 0.99),
+            "steady_p99_ms": pct(steady, 0.99), "steady_n": len(steady),
             "failed": sum(1 for _, lat in load.records if lat is None),
             "requests": len(load.records), "replica_s": replica_s, "short_s": short_s}
 
@@ -321,17 +346,19 @@ def main_trace(reps) -> int:
                 r = run_trace(kind, rep, rates)
                 results[kind].append(r)
                 print(f"{kind:<8} rep {rep}: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                      f"steady p99 {r['steady_p99_ms']:.0f} ms ({r['steady_n']} requests), "
                       f"failed {r['failed']} of {r['requests']}, replica-s {r['replica_s']:.0f}, "
                       f"under-provisioned {r['short_s']:.1f} s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    print(f"\n{'':<9}{'p50 ms':>8}{'p99 ms':>8}{'failed':>8}{'requests':>10}{'replica-s':>11}"
+    print(f"\n{'':<9}{'p50 ms':>8}{'p99 ms':>8}{'steady p99':>11}{'failed':>8}{'requests':>10}{'replica-s':>11}"
           f"{'short s':>9}   (medians of {reps}; 2 cores, CPU only)")
     for kind, rows in results.items():
         m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"{kind:<9}{m['p50_ms']:>8.0f}{m['p99_ms']:>8.0f}{m['failed']:>8.0f}"
+        print(f"{kind:<9}{m['p50_ms']:>8.0f}{m['p99_ms']:>8.0f}{m['steady_p99_ms']:>11.0f}"
+              f"{m['failed']:>8.0f}"
               f"{m['requests']:>10.0f}{m['replica_s']:>11.0f}{m['short_s']:>9.1f}")
     return 0
 
@@ -350,7 +377,7 @@ def run_pool(kind, rep, tmp, etcd, load_s=30.0):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from ray import serve
     from ray.serve.config import AutoscalingConfig
-    from ray_pool import AGENT_FLAGS, agent_args, at_world, gap_and_lost, steps_in, wait
+    from ray_pool import AGENT_FLAGS, agent_args, at_world, steps_in, wait
 
     from integrations.ray.client import PoolClient
     from integrations.ray.spec import TRAIN as TRAIN_KIND
@@ -396,9 +423,12 @@ def run_pool(kind, rep, tmp, etcd, load_s=30.0):
                  "training back at full size")
         time.sleep(max(0.0, ended + 20 - time.time()))  # the window counted: to the load's end + 20 s
         steps = train()
-        gap, lost = gap_and_lost(steps, step, width, 1) if kind == "ours" else (0.0, 0)
         regrown = next((t for t, _, w in steps if t > ended and w == width), None)
         window = [s for s in steps if step - 10 <= s[0] <= ended + 20]
+        # steps trained again: a step whose number is at or below one trained before it
+        lost = sum(max(0, a[1] - b[1] + 1) for a, b in zip(window, window[1:]) if b[1] <= a[1])
+        pause = max((b[0] - a[0] for a, b in zip(window, window[1:])), default=None)
+        node_s = sum(a[2] * (b[0] - a[0]) for a, b in zip(window, window[1:]))
         if kind == "ours":
             endpoint.delete(ep)
         else:
@@ -414,9 +444,9 @@ def run_pool(kind, rep, tmp, etcd, load_s=30.0):
             "p99_ms": steady[min(len(steady) - 1, int(0.99 * len(steady)))] * 1000
             if steady else float("nan"),
             "failed": sum(1 for _, lat in load.records if lat is None),
-            "steps_lost": lost, "gap_s": gap,
+            "steps_lost": lost, "pause_s": pause,
             "regrow_s": None if regrown is None else regrown - ended,
-            "steps_in_window": len(window)}
+            "train_node_s": node_s, "window_s": window[-1][0] - window[0][0] if window else 0}
 
 
 def main_pool(reps) -> int:
@@ -464,12 +494,13 @@ def main_pool(reps) -> int:
     def fmt(x, f="{:.1f}"):
         return "never" if x is None else f.format(x)
     print(f"\n{'':<11}{'1st answer s':>13}{'2 replicas s':>13}{'p99 ms':>8}{'failed':>8}"
-          f"{'steps lost':>11}{'gap s':>7}{'regrow s':>9}{'steps':>7}   (medians of {reps})")
+          f"{'steps lost':>11}{'pause s':>8}{'regrow s':>9}{'train node-s':>13}"
+          f"   (medians of {reps})")
     for kind, rows in results.items():
         print(f"{kind:<11}{fmt(med(rows, 'first_answer_s')):>13}{fmt(med(rows, 'capacity_s')):>13}"
               f"{fmt(med(rows, 'p99_ms'), '{:.0f}'):>8}{fmt(med(rows, 'failed'), '{:.0f}'):>8}"
-              f"{fmt(med(rows, 'steps_lost'), '{:.0f}'):>11}{fmt(med(rows, 'gap_s'), '{:.2f}'):>7}"
-              f"{fmt(med(rows, 'regrow_s')):>9}{fmt(med(rows, 'steps_in_window'), '{:.0f}'):>7}")
+              f"{fmt(med(rows, 'steps_lost'), '{:.0f}'):>11}{fmt(med(rows, 'pause_s'), '{:.2f}'):>8}"
+              f"{fmt(med(rows, 'regrow_s')):>9}{fmt(med(rows, 'train_node_s'), '{:.0f}'):>13}")
     return 0
 
 

@@ -3,8 +3,9 @@
 `ElasticWorld` joins the job's current world (from the environment when the agent started this
 worker for a round, or by waiting for a round when it was started in standby, pre-warmed), and
 at every step boundary agrees with the other ranks whether a new round is pending (one
-one-element all-reduce). When one is, every rank leaves the old process group at the same step
-and `reconfigure()` builds the new one; a rank whose node is no longer a member goes back to
+one-element all-reduce, launched at one boundary and read at the next, so no step waits for it:
+a change takes effect one step after a rank first knows of it). When one is, every rank leaves
+the old process group at the same step and `reconfigure()` builds the new one; a rank whose node is no longer a member goes back to
 standby, or exits when its agent is leaving.
 """
 from __future__ import annotations
@@ -128,6 +129,7 @@ class ElasticWorld:
         self.round = 0
         self.plan: Optional[BatchPlan] = None
         self._steps, self._reported_at = 0, 0.0
+        self._flag = None  # (work, tensor): the all-reduce launched at the last boundary
         if self.channel is not None:
             # The agent asks for our stacks (SIGUSR1) before it kills us as hung.
             faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -177,20 +179,39 @@ class ElasticWorld:
             self.channel.send(Running(round=self.round))
 
     def change_pending(self) -> bool:
-        """Collective: True on every rank when any rank knows of a newer round (or of its node
-        leaving). Every rank must call it at the same step."""
+        """Collective: True on every rank when any rank knew of a newer round (or of its node
+        leaving) at the previous call. Every rank must call it at the same step. This call's
+        own flag is all-reduced in the background while the next step runs (gloo's thread, or
+        NCCL's stream), and read at the next call: the boundary costs no round trip."""
         if self.channel is None:
             return False
         mine = 1.0 if (self.channel.latest_round > self.round or self.channel.leaving) else 0.0
-        flag = torch.tensor([mine])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        flag = torch.tensor([mine], device=self._device())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self._flag = self._flag, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return previous[1].item() > 0
+
+    def _settle(self) -> None:
+        """Wait for the flag still in flight (every rank launched it), before leaving the group."""
+        if self._flag is not None:
+            pending, self._flag = self._flag, None
+            pending[0].wait()
+
+    @staticmethod
+    def _device():
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def step_boundary(self, state) -> None:
         """Call after every optimizer step, on every rank. When a new world is pending, commit
         `state` (nothing is lost: the old world still works) and raise WorldChanged."""
         self._report_progress()
         if self.change_pending():
+            self._settle()
             state.commit()
             raise WorldChanged()
 
@@ -215,6 +236,7 @@ class ElasticWorld:
                 traceback="".join(traceback.format_exception(exc))[-4000:]))
 
     def _leave_group(self) -> None:
+        self._flag = None  # settled at the boundary; after a failure the group is broken anyway
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
