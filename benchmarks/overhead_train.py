@@ -28,6 +28,9 @@ opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 x, y = torch.randn(args.batch, args.width), torch.randn(args.batch, args.width)
 
 
+boundary = []  # seconds inside step_boundary(), per step
+
+
 def loop(ddp, world=None, state=None):
     times = []
     for _ in range(args.warmup + args.steps):
@@ -38,7 +41,9 @@ def loop(ddp, world=None, state=None):
         opt.zero_grad()
         if world is not None:
             state.step += 1
+            b0 = time.perf_counter()
             world.step_boundary(state)
+            boundary.append(time.perf_counter() - b0)
         times.append(time.perf_counter() - t0)
     return times[args.warmup:]
 
@@ -76,3 +81,6 @@ else:
 if rank == 0:
     with open(args.out, "w") as f:
         json.dump(times, f)
+    if boundary:
+        with open(args.out + ".boundary", "w") as f:
+            json.dump(boundary[args.warmup:], f)

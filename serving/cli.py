@@ -96,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         print("error: endpoints need Ray Serve: pip install 'elastic-run[ray]'", file=sys.stderr)
         return USAGE_ERROR
+    from rendezvous.api import RendezvousError
+
     from . import endpoint
     try:
         if spec is not None:
@@ -127,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             endpoint.delete(args.name)
             print(f"deleted {args.name}")
         return 0
+    except RendezvousError as exc:
+        print(f"error: the pool's etcd is out of reach ({exc.args[0] if exc.args else exc}); "
+              "check --rdzv-endpoint and that the pool's etcd runs", file=sys.stderr)
+        return USAGE_ERROR
     except (KeyError, ConnectionError, ValueError, SpecError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from typing import Any, Dict, Optional, Tuple
 
 from .policy import PolicyConfig, PolicyState, Sample, decide, observe
-from .spec import EndpointSpec, check_target
+from .spec import EndpointSpec, SpecError, check_target
 
 NAMESPACE = "serving"
 METRICS_INTERVAL_S = 0.5
@@ -80,9 +80,12 @@ def deployment(spec: EndpointSpec, path: Optional[str]):
     kwargs: Dict[str, Any] = {"policy": asdict(spec.policy())}
     if spec.pool:
         kwargs["pool"] = {"etcd": spec.pool, "name": spec.name}
+    # In the pool Serve's own floor would start replicas nobody granted: the policy keeps the
+    # min instead (it asks for at least min, and Serve runs what is granted of that).
+    floor = 0 if spec.pool else spec.min_replicas
     autoscaling = AutoscalingConfig(
-        min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
-        initial_replicas=max(spec.min_replicas, 1) if spec.min_replicas else 0,
+        min_replicas=floor, max_replicas=spec.max_replicas,
+        initial_replicas=floor,
         upscale_delay_s=0, downscale_delay_s=0, downscale_to_zero_delay_s=0,
         metrics_interval_s=METRICS_INTERVAL_S, look_back_period_s=2 * METRICS_INTERVAL_S,
         policy=AutoscalingPolicy(policy_function="serving.endpoint:ServePolicy",
@@ -117,14 +120,35 @@ def deploy(spec: EndpointSpec, address: Optional[str] = None, http_port: int = 8
     from ray import serve
     spec.check()
     check_target(spec.target, path)
+    registered = False
     if spec.pool:  # the pool refuses a bad queue or size before Serve changes anything
         from .pool import register
-        register(spec)
-    connect(address, http_port, spec.timeout_s)
-    serve.run(deployment(spec, path), name=spec.name, route_prefix=f"/{spec.name}",
-              blocking=False)
+        registered = register(spec)
+    try:
+        connect(address, http_port, spec.timeout_s)
+        _check_same_pool(spec)
+        serve.run(deployment(spec, path), name=spec.name, route_prefix=f"/{spec.name}",
+                  blocking=False)
+    except BaseException:
+        if registered:  # nothing of a failed deploy stays in the pool
+            from .pool import unregister
+            unregister(spec.pool, spec.name)
+        raise
     _save(spec, path)
     return f"http://127.0.0.1:{http_port}/{spec.name}"
+
+
+def _check_same_pool(spec: EndpointSpec) -> None:
+    """A running endpoint stays in the pool it was deployed to (or out of any)."""
+    try:
+        old, _ = load(spec.name)
+    except KeyError:
+        return
+    if old.pool != spec.pool:
+        where = f"in the pool at {old.pool}" if old.pool else "outside any pool"
+        flag = f"--rdzv-endpoint {old.pool}" if old.pool else "no --rdzv-endpoint"
+        raise SpecError(f"endpoint {spec.name!r} runs {where}; deploy it with {flag}, or "
+                        "`python -m serving delete` it first")
 
 
 def _save(spec: EndpointSpec, path: Optional[str]) -> None:

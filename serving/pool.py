@@ -70,9 +70,12 @@ def submission(spec: EndpointSpec) -> Submission:
                       cpus=spec.cpus, memory_mib=spec.memory_mib, gpus=int(spec.gpus))
 
 
-def register(spec: EndpointSpec) -> None:
-    """Submit the endpoint to the pool (checked against its queues and nodes first); an endpoint
-    of that name already there is kept (a redeploy or an update), an ended one replaced."""
+def register(spec: EndpointSpec) -> bool:
+    """Submit the endpoint to the pool (checked against its queues and nodes first); True if
+    this call submitted it. One of that name already there is kept (a redeploy, `update`,
+    `scale`: the policy keeps the new bounds) if its queue, priority and per-replica resources
+    are the same; an ended one is replaced."""
+    new = submission(spec)
     with PoolClient(spec.pool) as pool:
         existing = pool.store.workloads().get(spec.name)
         if existing is not None:
@@ -81,9 +84,16 @@ def register(spec: EndpointSpec) -> None:
                                 f"{spec.name!r}; pick another --name")
             rec = pool.store.record(spec.name)
             if rec is None or rec.state not in ENDED:
-                return
+                changed = [f for f in ("queue", "priority", "cpus", "memory_mib", "gpus")
+                           if getattr(existing, f) != getattr(new, f)]
+                if changed:
+                    raise SpecError(f"endpoint {spec.name!r} is in the pool with other "
+                                    f"{', '.join(changed)}; `python -m serving delete` it "
+                                    "first to change them")
+                return False
             pool.forget(spec.name)
-        pool.submit(submission(spec))
+        pool.submit(new)
+        return True
 
 
 def unregister(etcd: str, name: str, wait_s: float = 10.0) -> None:
@@ -101,8 +111,9 @@ def unregister(etcd: str, name: str, wait_s: float = 10.0) -> None:
                     break
                 time.sleep(0.1)
             else:
-                log.warning("the pool's controller has not stopped endpoint %s yet; its "
-                            "records stay until it does", name)
+                log.warning("the pool's controller has not stopped endpoint %s yet; with a "
+                            "controller running, `python -m integrations.ray forget %s` "
+                            "deletes its records", name, name)
                 return
         pool.forget(name)
 

@@ -154,7 +154,8 @@ def _controller(args) -> int:
 
 
 def _client_command(args) -> int:
-    from .client import PoolClient
+    from .client import PoolClient, PoolError
+    from .spec import ENDPOINT
     sub = _submission(args) if args.command == "submit" else None  # bad flags: before etcd
     with PoolClient(args.rdzv_endpoint, timeout=args.timeout) as pool:
         if sub is not None:
@@ -181,6 +182,10 @@ def _client_command(args) -> int:
                 print(f"==> {member} <==")
                 print(text.rstrip())
         elif args.command == "stop":
+            found = pool.store.workloads().get(args.name)
+            if found is not None and found.kind == ENDPOINT:
+                raise PoolError(f"{args.name!r} is an endpoint; end it with `python -m serving "
+                                f"delete {args.name}` (its Serve replicas go too)")
             pool.stop(args.name, args.reason)
             print(f"stop requested for {args.name}")
         elif args.command == "forget":

@@ -117,9 +117,9 @@ class Controller:
         self._sized: Dict[str, Tuple[str, int]] = {}  # training workload -> (job, size) set
         self._agent_member: Dict[str, str] = {}  # an agent's node id -> its member's actor name
         self._packages: Dict[str, str] = {}  # workload -> its working directory's gcs:// URI
-        self._asked: Dict[str, int] = {}  # endpoint -> the replica count last taken in
         self._observed = 0.0  # when the endpoints' replicas were last looked for
-        self._cold: Dict[str, int] = {}  # endpoint -> Serve replicas waiting for a node
+        self._replicas: Dict[str, List[str]] = {}  # endpoint -> nodes of its live replicas
+        self._waiting: Dict[str, int] = {}  # endpoint -> its replicas waiting for a node
         self._written: Dict[str, str] = {}
         self._inventory: List[str] = []
         self._beat = 0.0
@@ -215,14 +215,20 @@ class Controller:
             self.store.put_inventory(list(nodes.values()))
 
     def _take_submissions(self, now: float) -> None:
-        for name, sub in self.store.workloads().items():
+        subs = self.store.workloads()
+        for name in [n for n in self.subs if n not in subs]:  # forgotten
+            self._forget(name, now)
+        for name, sub in subs.items():
             if name in self.subs:
-                continue
+                if self.subs[name].submitted_at == sub.submitted_at:
+                    continue
+                self._forget(name, now)  # forgotten and submitted again between two ticks
             self.subs[name] = sub
             rec = self.records.setdefault(name, Record())
             try:
                 w = sub.workload()
                 if sub.kind == ENDPOINT:  # it enters the scheduler when it asks for replicas
+                    rec.state, rec.reason = RUNNING, "scaled to zero"
                     rec.note(now, "endpoint registered")
                     continue
                 self.state = submit(self.state, w, now)
@@ -233,33 +239,41 @@ class Controller:
             rec.note(now, f"submitted to queue {sub.queue}")
 
     def _take_replicas(self, now: float) -> None:
-        """Each endpoint's replica count as its policy asks (its min until it asks): more goes to
-        the scheduler (which frees capacity from lower classes if it must), fewer leaves now,
-        none takes it out of the scheduler until it asks again."""
+        """Each endpoint's replica count as its policy asks (its min until it asks), but never
+        fewer than the replicas Serve runs or is starting, as last seen in Ray (a replica of
+        Serve's cold start, which does not ask the policy; one still loading its model; one
+        still draining after a scale-down): more goes to the scheduler (which frees capacity
+        from lower classes if it must); fewer leaves once Serve's replicas are gone, from the
+        nodes they were on; none takes it out of the scheduler."""
         asks = self.store.replicas()
         for name, sub in self.subs.items():
             rec = self.records[name]
             if sub.kind != ENDPOINT or rec.state in ENDED:
                 continue
-            ask = max(asks.get(name, sub.min_members), 0)  # within the policy's bounds
-            if ask == 0 and self._cold.get(name):
-                ask = 1  # Serve's cold start: it starts one replica without asking the policy
-            if self._asked.get(name) == ask:
-                continue
-            self._asked[name] = ask
-            in_core = name in self.state.admitted or name in self.state.pending
-            if ask == 0:
-                if in_core:
-                    self.state = finish(self.state, name, now)
-                rec.state, rec.reason, rec.members, rec.ready = RUNNING, "scaled to zero", (), False
-                rec.note(now, "scaled to zero: its capacity is back in the pool")
-            elif not in_core:
-                self.state = submit(self.state, sub.workload(ask), now)
-                rec.state, rec.reason = PENDING, "queued"
-                rec.note(now, f"asks for {ask} replica(s)")
-            else:
-                self.state = set_replicas(self.state, name, ask, now)
-                rec.note(now, f"asks for {ask} replica(s)")
+            alive = self._replicas.get(name, [])
+            target = max(asks.get(name, sub.min_members), len(alive) + self._waiting.get(name, 0))
+            try:
+                self._ask(name, sub, rec, target, alive, now)
+            except SubmissionError as exc:  # e.g. its queue is gone from a new configuration
+                self._end(name, FAILED, f"refused: {exc}", now)
+
+    def _ask(self, name: str, sub: Submission, rec: Record, target: int, alive: List[str],
+             now: float) -> None:
+        a, p = self.state.admitted.get(name), self.state.pending.get(name)
+        held = a.workload.max_size if a else p.workload.max_size if p else 0
+        if target == held:
+            return
+        if target == 0:
+            self.state = finish(self.state, name, now)
+            rec.state, rec.reason, rec.members, rec.ready = RUNNING, "scaled to zero", (), False
+            rec.note(now, "scaled to zero: its capacity is back in the pool")
+        elif held == 0:
+            self.state = submit(self.state, sub.workload(target), now)
+            rec.state, rec.reason = PENDING, "queued"
+            rec.note(now, f"asks for {target} replica(s)")
+        else:
+            self.state = set_replicas(self.state, name, target, now, keep=alive)
+            rec.note(now, f"asks for {target} replica(s)")
 
     def _observe_endpoints(self, now: float) -> None:
         """What Ray Serve does on its own, read from Ray's actor table (at most twice a second):
@@ -280,8 +294,8 @@ class Controller:
             log.warning("could not read Ray's actor table (%s)", exc)
             return
         for name in live:
-            self._cold[name] = len(replica_nodes(waiting, name, state="PENDING_CREATION"))
-            nodes = replica_nodes(alive, name)
+            self._waiting[name] = len(replica_nodes(waiting, name, state="PENDING_CREATION"))
+            nodes = self._replicas[name] = replica_nodes(alive, name)
             if nodes and name in self.state.admitted:
                 self.state = rebind(self.state, name, nodes, now)
 
@@ -488,7 +502,9 @@ class Controller:
     def _reconcile(self, now: float) -> None:
         admitted = self.state.admitted
         for name, rec in self.records.items():
-            if rec.state == RUNNING and name not in admitted and self._asked.get(name) != 0:
+            sub = self.subs.get(name)
+            at_zero = sub is not None and sub.kind == ENDPOINT and name not in self.state.pending
+            if rec.state == RUNNING and name not in admitted and not at_zero:
                 # evicted: preempted, requeued, lost
                 rec.state, rec.members, rec.ready = PENDING, (), False
                 rec.attempt += 1
@@ -740,6 +756,17 @@ class Controller:
             except SubmissionError as exc:
                 self._end(name, FAILED, f"refused after a restart: {exc}", now)
 
+    def _forget(self, name: str, now: float) -> None:
+        """A workload whose records were deleted (`forget`, `serving delete`): nothing of it is
+        kept, so a new one may take the name."""
+        if name in self.state.admitted or name in self.state.pending:
+            self.state = finish(self.state, name, now)
+        for run in [r for r in self.runs.values() if r.workload == name]:
+            self._kill(run)
+        for kept in (self.subs, self.records, self._written, self._replicas, self._waiting,
+                     self._sized, self._packages, self._stopping, self._ending):
+            kept.pop(name, None)
+
     def _restore_endpoint(self, name: str, sub: Submission, rec: Record, now: float) -> None:
         """An endpoint has no actors of its own: its grant is what the record says (Serve kept
         its replicas running meanwhile); a pending one asks again at the next tick."""
@@ -747,14 +774,12 @@ class Controller:
             rec.state = PENDING
             return
         if not rec.members:
-            self._asked[name] = 0
             return
         members = tuple(Member(m["id"], Binding(m["node"], tuple(m["gpus"])), m["joined_at"])
                         for m in rec.members if m["node"] in self.state.nodes)
         try:
             self.state = restore(self.state, sub.workload(len(members)), rec.flavor, members, now,
                                  sub.submitted_at, rec.next_member, True)
-            self._asked[name] = len(members)
         except SubmissionError as exc:
             self._end(name, FAILED, f"refused after a restart: {exc}", now)
 

@@ -54,7 +54,9 @@ def _run(train, state, checkpoint, world):
                     state.plan = world.plan
                     state.resume(None)
                     changed = False
-                return train(world)
+                result = train(world)
+                world.settle()  # the last boundary's flag, still in flight on every rank
+                return result
             except WorldChanged:
                 changed = True
             except LeftJob:

@@ -194,8 +194,9 @@ class ElasticWorld:
         previous[0].wait()
         return previous[1].item() > 0
 
-    def _settle(self) -> None:
-        """Wait for the flag still in flight (every rank launched it), before leaving the group."""
+    def settle(self) -> None:
+        """Wait for the flag still in flight (every rank launched it), before leaving the group:
+        at a change, and when training returns."""
         if self._flag is not None:
             pending, self._flag = self._flag, None
             pending[0].wait()
@@ -211,7 +212,7 @@ class ElasticWorld:
         `state` (nothing is lost: the old world still works) and raise WorldChanged."""
         self._report_progress()
         if self.change_pending():
-            self._settle()
+            self.settle()
             state.commit()
             raise WorldChanged()
 
@@ -236,7 +237,7 @@ class ElasticWorld:
                 traceback="".join(traceback.format_exception(exc))[-4000:]))
 
     def _leave_group(self) -> None:
-        self._flag = None  # settled at the boundary; after a failure the group is broken anyway
+        self._flag = None  # settled by now, or the group broke (a failure): dropped either way
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -170,9 +170,36 @@ class Pacer:
         self.write(10**6)
 
 
+def trainer(tmp_path, mark, size):
+    """The training job of these tests: 1..size members of the exactly-once script, paced by
+    the allowance file, recording every step under tmp_path/records."""
+    from integrations.ray.spec import TRAIN, Submission
+    return Submission(
+        "trainer", TRAIN, (SCRIPT, "--checkpoint", tmp_path / "state.ckpt", "--out",
+                           tmp_path / "params.pt", "--record-dir", tmp_path / "records",
+                           "--allowance-file", tmp_path / "allowance", "--epochs", EPOCHS,
+                           "--dataset", DATASET),
+        min_members=1, max_members=size, cpus=1, cwd=str(REPO), env={"ELASTIC_TEST_MARK": mark},
+        agent_args=("--global-batch-size", "10", "--max-micro-batch", "4",
+                    "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
+                    "--log-dir", str(tmp_path / "logs")))
+
+
+def trained_once_per_epoch(records):
+    """Asserts every step was kept once and every sample trained once per epoch; returns the
+    steps trained in more than one round (step -> rounds)."""
+    steps, attempts = surviving_steps(records)
+    assert sorted(steps) == list(range(1, EPOCHS * DATASET // 10 + 1))
+    trained = {s: exactly_what_was_trained(s, recs) for s, recs in steps.items()}
+    for epoch in range(EPOCHS):
+        used = [i for e, batch in trained.values() if e == epoch for i in batch]
+        assert sorted(used) == list(range(DATASET)), f"epoch {epoch}"
+    return {s: sorted({r["round"] for r in recs}) for s, recs in attempts.items()
+            if len({r["round"] for r in recs}) > 1}
+
+
 def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_etcd, tmp_path):
     from integrations.ray.client import PoolClient
-    from integrations.ray.spec import TRAIN, Submission
     c, nodes = cluster
     mark = new_mark()
     (tmp_path / "records").mkdir()
@@ -185,16 +212,7 @@ def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_
     ctl = ControllerProcess(c.address, pool_etcd, tmp_path, queues)
     try:
         with PoolClient(pool_etcd) as pool:
-            pool.submit(Submission(
-                "trainer", TRAIN, (SCRIPT, "--checkpoint", tmp_path / "state.ckpt", "--out",
-                                   tmp_path / "params.pt", "--record-dir", tmp_path / "records",
-                                   "--allowance-file", tmp_path / "allowance", "--epochs",
-                                   EPOCHS, "--dataset", DATASET),
-                min_members=1, max_members=3, cpus=1, cwd=str(REPO),
-                env={"ELASTIC_TEST_MARK": mark},
-                agent_args=("--global-batch-size", "10", "--max-micro-batch", "4",
-                            "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
-                            "--log-dir", str(tmp_path / "logs"))))
+            pool.submit(trainer(tmp_path, mark, 3))
         # 1. the job grows into every idle node, and trains there
         wait_for(lambda: trained_at(tmp_path, 3), 120, what="trainer training at 3")
         assert len(status(pool_etcd, "trainer")["members"]) == 3
@@ -259,14 +277,7 @@ def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_
         clear_pool()
     # every sample exactly once per epoch; no step recomputed but those the dead node had
     # trained since the last commit
-    steps, attempts = surviving_steps(tmp_path / "records")
-    assert sorted(steps) == list(range(1, EPOCHS * DATASET // 10 + 1))
-    trained = {s: exactly_what_was_trained(s, recs) for s, recs in steps.items()}
-    for epoch in range(EPOCHS):
-        used = [i for e, batch in trained.values() if e == epoch for i in batch]
-        assert sorted(used) == list(range(DATASET)), f"epoch {epoch}"
-    recomputed = {s: sorted({r["round"] for r in recs}) for s, recs in attempts.items()
-                  if len({r["round"] for r in recs}) > 1}
+    recomputed = trained_once_per_epoch(tmp_path / "records")
     assert all(rounds[0] >= round_before for rounds in recomputed.values()), recomputed
     wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")
 
@@ -384,7 +395,6 @@ def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
     the job (released at a step boundary), and after the load the endpoint scales to zero and
     the job grows back onto it. No request fails and no committed step is lost."""
     from integrations.ray.client import PoolClient
-    from integrations.ray.spec import TRAIN, Submission
     from serving import endpoint
     from serving.spec import EndpointSpec
     c, _ = cluster
@@ -396,16 +406,7 @@ def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
     deployed = False
     try:
         with PoolClient(pool_etcd) as pool:
-            pool.submit(Submission(
-                "trainer", TRAIN, (SCRIPT, "--checkpoint", tmp_path / "state.ckpt", "--out",
-                                   tmp_path / "params.pt", "--record-dir", tmp_path / "records",
-                                   "--allowance-file", tmp_path / "allowance", "--epochs",
-                                   EPOCHS, "--dataset", DATASET),
-                min_members=1, max_members=size, cpus=1, cwd=str(REPO),
-                env={"ELASTIC_TEST_MARK": mark},
-                agent_args=("--global-batch-size", "10", "--max-micro-batch", "4",
-                            "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
-                            "--log-dir", str(tmp_path / "logs"))))
+            pool.submit(trainer(tmp_path, mark, size))
         wait_for(lambda: trained_at(tmp_path, size), 120, what=f"trainer training at {size}")
         full = rounds(tmp_path)
 
@@ -471,13 +472,5 @@ def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
         clear_pool()
     # every sample exactly once per epoch, and nothing trained twice: the node left at a step
     # boundary
-    steps, attempts = surviving_steps(tmp_path / "records")
-    assert sorted(steps) == list(range(1, EPOCHS * DATASET // 10 + 1))
-    trained = {s: exactly_what_was_trained(s, recs) for s, recs in steps.items()}
-    for epoch in range(EPOCHS):
-        used = [i for e, batch in trained.values() if e == epoch for i in batch]
-        assert sorted(used) == list(range(DATASET)), f"epoch {epoch}"
-    recomputed = {s: sorted({r["round"] for r in recs}) for s, recs in attempts.items()
-                  if len({r["round"] for r in recs}) > 1}
-    assert recomputed == {}
+    assert trained_once_per_epoch(tmp_path / "records") == {}
     wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")

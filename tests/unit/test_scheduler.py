@@ -495,9 +495,9 @@ def test_endpoint_members_follow_where_serve_runs_the_replicas():
     state = submit(state, Workload.elastic("train", 1, 3, Shape(cpu_milli=1000)), 3)
     state, _ = run(state, 4)
     assert [m.node for m in state.admitted["train"].members] == [placed[1]]
-    # Serve scaled down by stopping the replica the core counted as the older one.
-    state = set_replicas(state, "serve", 1, 5)  # the core lets the newest member go...
-    state = rebind(state, "serve", [free], 6)  # ...but the replica on `free` is the one left
+    # Serve scaled down by stopping the replica the core counted as the older one: the member
+    # that leaves is the one whose replica is gone, not the newest.
+    state = set_replicas(state, "serve", 1, 5, keep=[free])
     assert [m.node for m in state.admitted["serve"].members] == [free]
     assert state.nodes[placed[0]].used_cpu_milli == 0
     # A node the core gave to someone else is never double-booked: the member stays put.

@@ -283,9 +283,11 @@ def mark_ready(state: State, name: str) -> State:
     return _next(state, admitted={**state.admitted, name: replace(a, ready=True)})
 
 
-def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
+def set_replicas(state: State, name: str, replicas: int, now: float,
+                 keep: Iterable[str] = ()) -> State:
     """An endpoint asks for a new replica count (above its size it grows at the next step,
-    below it the newest replicas leave now)."""
+    below it members leave now: first those on nodes not in `keep`, where the serving layer
+    still runs replicas (one entry per replica), then the newest)."""
     if replicas < 1:
         raise SubmissionError(f"workload {name!r}: replicas must be at least 1, got {replicas}")
     if name in state.pending:
@@ -298,7 +300,18 @@ def set_replicas(state: State, name: str, replicas: int, now: float) -> State:
     w = replace(a.workload, max_size=replicas, min_size=min(a.workload.min_size, replicas))
     state = _next(state, admitted={**state.admitted, name: replace(a, workload=w)})
     if a.size > replicas:
-        state = _remove_members(state, name, tuple(m.id for m in a.members[replicas:]), now)
+        from collections import Counter
+        running = Counter(keep)
+        kept, spare = [], []
+        for m in a.members:
+            if running[m.node] > 0:
+                running[m.node] -= 1
+                kept.append(m)
+            else:
+                spare.append(m)
+        stay = {m.id for m in (kept + spare)[:replicas]}
+        state = _remove_members(state, name, tuple(m.id for m in a.members if m.id not in stay),
+                                now)
     return state
 
 
