@@ -60,7 +60,10 @@ Ours reaches the 4 replicas 4.1x sooner, and over the 60 s of load answers 796-8
 against Serve's default 315-325 (the default runs 40 s short of capacity: its 30 s upscale delay
 and 10 s metrics); once at capacity both hold p99 within 1.15x of the unloaded p99, no request
 failed. Most of ours' 12 s is the three new replicas starting together (import torch, build the
-model) on two loaded cores; the policy asks for them within ~2 s of the step.
+model) on two loaded cores. `python benchmarks/serving.py --reps 1 --load-s 30` also times the
+ask ("asked s": the step -> Serve told to run all 4): ours asked after 5.7 s, ran them at 11.4 s
+(so ~5.7 s of replica start-up), p99 at capacity 1220 ms; Serve's default asked for none of
+them within the 30 s (p50 5479 ms, all 16 clients on one replica).
 
 (b) `python benchmarks/serving.py --scenario trace --reps 2` (medians of 2; 600 requests each):
 
@@ -75,18 +78,19 @@ replicas); ours loses none, at 1.7x the replica-seconds. Ours' p99 is set by the
 (c) `python benchmarks/serving.py --scenario pool --reps 2` (medians of 2):
 
               1st answer s  2 replicas s  p99 ms  failed  steps lost  pause s  regrow s  train node-s
-    ours               8.3          17.2    1040       2           0     0.32      15.4            86
-    partition          1.0         never    4629       0           0     0.30       0.0           114
+    ours              10.3          15.9    1064       2           0     0.46      16.7            88
+    partition          1.1         never    3631       0           0     0.43       0.0           118
 
 The endpoint starts from zero and takes two of the job's three nodes: the job shrinks at step
-boundaries (0 steps trained again, its longest pause 0.32 s, no slower than the partition's
-steady 0.30 s) and is back at three nodes 15 s after the load (the endpoint's idle time of 5 s,
-then the scale-down, then a new member's start-up). The endpoint's p99 at capacity is 1.04 s
-against the partition's 4.6 s (its second replica never gets a node). Costs: the cold start
-(8.3 s to the first answer: the member's release at a step boundary, its agent's exit, the
-replica's start; 2 of ~100 requests passed the 10 s client timeout), and over this window the
-job trains fewer node-seconds (86 vs 114) because the load is most of the window; whenever the
-endpoint is idle it trains on 3 nodes instead of the partition's 2.
+boundaries (0 steps trained again, its longest pause 0.46 s, about the partition's steady
+0.43 s on this loaded machine) and is back at three nodes 17 s after the load (the endpoint's
+idle time of 5 s, the scale-down once Serve's replicas are gone, a new member's start-up). The
+endpoint's p99 at capacity is 1.06 s against the partition's 3.6 s (its second replica never
+gets a node). Costs: the cold start (10.3 s to the first answer, 7.9 and 12.7 s in the two
+runs: the member's release at a step boundary, its agent's exit, the replica's start; 0 and 4
+of ~100 requests passed the 10 s client timeout), and over this window the job trains fewer
+node-seconds (88 vs 118) because the load is most of the window; whenever the endpoint is idle
+it trains on 3 nodes instead of the partition's 2.
 """
 from __future__ import annotations
 

@@ -120,8 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "status":
             st = endpoint.status(args.name)
             pool = st.get("pool")
+            asked = "nothing" if pool is None or pool["asked"] is None else pool["asked"]
             granted = "" if pool is None else \
-                f"; the pool grants {pool['granted']} of {pool['asked']} asked ({pool['state']})"
+                f"; the pool grants {pool['granted']} of {asked} asked ({pool['state']}" + \
+                (f": {pool['reason']})" if pool.get("reason") else ")")
             print(json.dumps(st, indent=2) if args.json else
                   f"{st['name']}: {st['status']}, {st['running']} replica(s) running "
                   f"{st['replicas']}{granted}")
