@@ -6,6 +6,7 @@ with SGD momentum (or --optimizer adam) state, on CPU. Per repetition, in altern
     commit()                      vs  copy.deepcopy(model.state_dict())
                                   vs  copy.deepcopy of model + optimizer state dicts (same content)
     save(path)                    vs  torch.save(state.state_dict(), path2), same directory
+                                  vs  the same torch.save, then fsync of the file and directory
     save(path, asynchronous=True) vs  torch.save: time the training thread is blocked, and total
     load(path)                    vs  torch.load(path2)
                                   vs  torch.load(path2) + model/optimizer.load_state_dict
@@ -89,6 +90,18 @@ def main() -> None:
         state.wait_for_save()
         return blocked, time.perf_counter() - start
 
+    def durable_torch_save() -> None:
+        """torch.save made as durable as save(): the file and its directory fsynced."""
+        with open(theirs, "wb") as f:
+            torch.save(state.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(workdir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def load_into_model() -> None:
         loaded = torch.load(theirs)
         model.load_state_dict(loaded["model"])
@@ -103,6 +116,8 @@ def main() -> None:
                                               "o": optimizer.state_dict()}))),
         ("save()", lambda: timed(lambda: state.save(ours), flush=True),
          "torch.save", lambda: timed(lambda: torch.save(state.state_dict(), theirs), flush=True)),
+        ("save()", lambda: timed(lambda: state.save(ours), flush=True),
+         "torch.save + fsync", lambda: timed(durable_torch_save, flush=True)),
         ("save(asynchronous) blocked", lambda: async_save()[0],
          "torch.save", lambda: timed(lambda: torch.save(state.state_dict(), theirs), flush=True)),
         ("save(asynchronous) written", lambda: async_save()[1],
@@ -151,9 +166,9 @@ def main() -> None:
         print(f"{name:<28} {a:>9.3f}   {base:<32} {b:>9.3f} {a / b:>5.2f}x")
     print()
     print("summary: commit() {:.2f}x deepcopy of the same model+optimizer state; save() {:.2f}x "
-          "torch.save (+SHA-256, fsync, rename); load() {:.2f}x torch.load (+verify, into model)"
+          "torch.save + fsync (+SHA-256, rename); load() {:.2f}x torch.load (+verify, into model)"
           .format(ratios[("commit()", "deepcopy(model + optimizer state)")],
-                  ratios[("save()", "torch.save")],
+                  ratios[("save()", "torch.save + fsync")],
                   ratios[("load()", "torch.load + load_state_dict")]))
 
 
