@@ -265,7 +265,13 @@ class ElasticState:
         """
         state = load_checkpoint(path, fingerprint=self.fingerprint, weights_only=weights_only)
         try:
-            self.load_state_dict(state)
+            missing = [p for p in PARTS if p not in state]
+            if missing:
+                raise ValueError(f"state lacks {missing}; it was not made by ElasticState")
+            # The tensors just read belong to nobody else: they become the committed snapshot
+            # as they are (load_state_dict would copy them once more).
+            self._committed = {p: state[p] for p in PARTS}
+            self.restore()
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointMismatch(f"checkpoint {path} does not fit this training state: "
                                      f"{exc}") from exc
