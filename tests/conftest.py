@@ -31,3 +31,17 @@ def jobs_dir(tmp_path_factory):
         del os.environ["ELASTIC_JOBS_DIR"]
     else:
         os.environ["ELASTIC_JOBS_DIR"] = previous
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that started agents reports the end of each agent's output."""
+    from tests.integration import agents
+    if call.when == "setup":
+        agents.STARTED.clear()
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("call", "teardown"):
+        for agent in agents.STARTED:
+            report.sections.append((f"agent {agent.name} (pid {agent.proc.pid}, exit "
+                                    f"{agent.proc.poll()})", agent.output_tail()))

@@ -1,9 +1,12 @@
 """Helpers shared by tests and benchmarks (run from the repository root): a node's death, the
 job's event log, stand-ins for what is outside the project, and checks of what a job computed.
-Free ports come from `launcher.network.free_port`; etcd from `rendezvous.embedded.EmbeddedEtcd`.
+Free ports come from `launcher.network.free_port` (or `quiet_port` below, for one that stays
+unbound while others connect to it); etcd from `rendezvous.embedded.EmbeddedEtcd`.
 """
 import os
+import random
 import signal
+import socket
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +18,28 @@ import psutil
 from launcher.events import read_events as _read_event_file
 
 HOROVOD_INSTALL = "bash integrations/horovod/install.sh"
+
+
+def quiet_port(host: str = "127.0.0.1") -> int:
+    """A free port outside the kernel's ephemeral range, for a server that starts (or restarts)
+    while clients already try to reach it. In the ephemeral range, a client's retries can be given
+    that very port as their source port (on loopback, even a connection to itself), and the server
+    then finds its port taken."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(10000, max(low, 10001)))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host} below the ephemeral range ({low})")
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -31,7 +31,7 @@ from rendezvous.embedded import EmbeddedEtcd
 from tests.integration.agents import REPO, Agent, read_events
 
 from . import schedule as sched
-from launcher.network import free_port
+from tests.support import quiet_port
 
 SCRIPT = "tests/integration/scripts/fixed_train.py"
 DATASET, GLOBAL_BATCH, MAX_MICRO_BATCH = 200, 10, 4
@@ -94,7 +94,7 @@ class ChaosJob:
         self.allowance, self.checkpoint = tmp / "allowance", tmp / "state.ckpt"
         self.params = tmp / "params.pt"
         self.hang_at = [inject_step(i) for i, f in enumerate(plan.faults) if f.kind == sched.HANG]
-        self.etcd = EmbeddedEtcd(port=free_port(), data_dir=str(tmp / "etcd"))
+        self.etcd = EmbeddedEtcd(port=quiet_port(), data_dir=str(tmp / "etcd"))
         self.endpoint = ""
         self.agents: Dict[str, Agent] = {}
         self.nodes: Dict[str, str] = {}  # agent name -> node id

@@ -12,6 +12,11 @@ from tests.support import kill_tree, read_events  # noqa: F401 (re-exported for 
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = Path(__file__).resolve().parent / "scripts" / "steps.py"
+OUTPUT_TAIL_CHARS = 4000
+
+# The agents the running test started: a failing test's report shows the end of each one's
+# output (tests/conftest.py), which is all there is to go on when it fails on a CI machine.
+STARTED = []
 
 
 class Agent:
@@ -28,9 +33,16 @@ class Agent:
                 [*prefix, sys.executable, "-m", "elastic.run", *[str(a) for a in args]],
                 stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
                 env=full_env, start_new_session=True)
+        STARTED.append(self)
 
     def output(self) -> str:
         return self.out.read_text(errors="replace")
+
+    def output_tail(self) -> str:
+        try:
+            return self.output()[-OUTPUT_TAIL_CHARS:]
+        except OSError as exc:
+            return f"(no output: {exc})"
 
     def kill_node(self) -> None:
         """A node's death: the agent and every process under it, whatever their session."""

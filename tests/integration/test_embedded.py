@@ -17,6 +17,7 @@ from rendezvous.api import RendezvousConnectionError
 from rendezvous.connect import connect, wait_for_etcd
 from rendezvous.embedded import EmbeddedEtcd
 from launcher.network import free_port
+from tests.support import quiet_port
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +179,7 @@ def test_wait_for_etcd_returns_for_a_live_etcd(etcd_endpoint):
 
 @pytest.mark.timeout(60)
 def test_the_service_serves_until_sigterm():
-    port = free_port()
+    port = quiet_port()
     service = python("-m", "rendezvous", "--listen", f"127.0.0.1:{port}",
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -6,7 +6,7 @@ import pytest
 from rendezvous.embedded import EmbeddedEtcd
 
 from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
-from launcher.network import free_port
+from tests.support import quiet_port
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ def steps_in(text, world):
 
 
 def test_training_goes_on_while_etcd_is_down_and_the_job_grows_after(tmp_path, run_id):
-    port, data_dir, logs, stop = free_port(), tmp_path / "etcd", tmp_path / "logs", tmp_path / "stop"
+    port, data_dir, logs, stop = quiet_port(), tmp_path / "etcd", tmp_path / "logs", tmp_path / "stop"
     etcd = EmbeddedEtcd(port=port, data_dir=str(data_dir))
     endpoint = etcd.start()
     mark, agents = new_mark(), []

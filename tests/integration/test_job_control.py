@@ -275,13 +275,13 @@ def test_an_agent_started_with_other_job_settings_is_refused(tmp_path, etcd_endp
 
 
 def test_a_tls_etcd_with_users_works_end_to_end_and_refuses_a_client_without_them(tmp_path):
-    from launcher.network import free_port
+    from tests.support import quiet_port
     from tests.tls import make_certificates, unavailable
 
     if unavailable():
         pytest.skip(unavailable())
     certs = make_certificates(tmp_path / "tls")
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{quiet_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ELASTIC_ETCD_PASSWORD": "s3cret",
            "TMPDIR": str(tmp_path)}
     server = subprocess.Popen(

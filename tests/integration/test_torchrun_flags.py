@@ -5,7 +5,7 @@ import psutil
 import pytest
 
 from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
-from launcher.network import free_port
+from tests.support import quiet_port
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def agents(tmp_path):
 
 
 def test_static_rendezvous_node_rank_zero_hosts_and_holds_rank_zero(agents):
-    port = free_port()
+    port = quiet_port()
     flags = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
              "--master-port", port, "--rdzv-conf", "last_call_timeout=0.5"]
     # Node rank 1 first: it waits for the host, and still gets global rank 1.
@@ -53,7 +53,7 @@ def test_static_rendezvous_node_rank_zero_hosts_and_holds_rank_zero(agents):
 
 
 def test_c10d_endpoint_on_this_machine_is_hosted_by_one_agent_and_joined_by_the_other(agents):
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{quiet_port()}"
     flags = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
              "--rdzv-endpoint", endpoint, "--rdzv-conf", "last_call_timeout=0.5,join_settle=0.3"]
     a = agents("a", flags)
