@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from elastic.checkpoint import (
-    AsyncCheckpointer, CheckpointError, CheckpointMismatch, load_checkpoint, model_fingerprint,
-    save_checkpoint,
+    DEFAULT_CHECKSUM, AsyncCheckpointer, CheckpointError, CheckpointMismatch, load_checkpoint,
+    model_fingerprint, save_checkpoint,
 )
 from elastic.policy import BatchPlan
 from elastic.sampler import ElasticSampler
@@ -164,7 +164,13 @@ class ElasticState:
 
     def commit(self) -> None:
         """Snapshot the live state (the sampler commits its in-flight position)."""
-        self._committed = _copy_into(self._committed, self._live())
+        self._committed = _copy_into(self._reusable(), self._live())
+
+    def _reusable(self) -> Optional[dict[str, Any]]:
+        """The committed snapshot's buffers, unless an asynchronous save is writing them."""
+        if self._checkpointer is not None and self._checkpointer.writing is self._committed:
+            return None
+        return self._committed
 
     def restore(self) -> None:
         """Roll the live state back to the last commit (gradients of the steps rolled back are
@@ -191,7 +197,7 @@ class ElasticState:
         missing = [p for p in PARTS if p not in state]
         if missing:
             raise ValueError(f"state lacks {missing}; it was not made by ElasticState")
-        self._committed = _copy_into(self._committed, {p: state[p] for p in PARTS})
+        self._committed = _copy_into(self._reusable(), {p: state[p] for p in PARTS})
         self.restore()
 
     # -- across ranks ------------------------------------------------------------------------
@@ -238,19 +244,25 @@ class ElasticState:
         self.restore()
     # -- on disk -----------------------------------------------------------------------------
 
-    def save(self, path: str, asynchronous: bool = False) -> None:
+    def save(self, path: str, asynchronous: bool = False,
+             checksum: str = DEFAULT_CHECKSUM) -> None:
         """Checkpoint the committed state to `path` (atomic; verified on load).
 
-        With asynchronous=True the snapshot is copied now and written on a background thread;
-        a later save waits for it, and `wait_for_save()` raises its error.
+        With asynchronous=True the snapshot is written on a background thread and save()
+        returns at once (commits meanwhile go to fresh buffers, never into the snapshot being
+        written); a later save waits for it, and `wait_for_save()` raises its error.
+        checksum: "crc32" finds accidental damage, "sha256" also tampering (see
+        `elastic.checkpoint`).
         """
         if asynchronous:
             if self._checkpointer is None:
                 self._checkpointer = AsyncCheckpointer()
-            self._checkpointer.save(path, self._committed, fingerprint=self.fingerprint)
+            self._checkpointer.save(path, self._committed, fingerprint=self.fingerprint,
+                                    checksum=checksum, copy=False)
         else:
             self.wait_for_save()
-            save_checkpoint(path, self._committed, fingerprint=self.fingerprint)
+            save_checkpoint(path, self._committed, fingerprint=self.fingerprint,
+                            checksum=checksum)
 
     def wait_for_save(self) -> None:
         """Block until an asynchronous save has finished; raise CheckpointError if it failed."""

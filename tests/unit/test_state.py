@@ -1,4 +1,6 @@
 import os
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,31 +117,79 @@ def test_save_load_resumes_at_the_same_step_and_position(tmp_path):
     assert_same(snapshot(fresh), snapshot(state))
 
 
-@pytest.mark.parametrize("where", ["payload", "header", "trailer"])
-def test_flipped_bytes_are_detected(tmp_path, where):
+def _digest_offset(data: bytes) -> int:
+    return data.rindex(b'"digest": "') + len(b'"digest": "') + 3
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+@pytest.mark.parametrize("where, message", [
+    (lambda data: len(data) // 2, "is corrupted .*checksums do not match"),
+    (lambda data: 40, "is corrupted .*checksums do not match"),  # inside torch's first record
+    (_digest_offset, "is corrupted .*checksums do not match"),
+    (lambda data: data.rindex(b'"payload": ') + 12, "is corrupted .*expected"),
+    (lambda data: data.rindex(b"ELCKPT2") + 2, "is corrupted .*trailer cannot be read"),
+    (lambda data: len(data) - 2, "is truncated, or not a checkpoint"),
+], ids=["payload", "payload-start", "digest", "length", "trailer-start", "end-marker"])
+def test_flipped_bytes_are_detected(tmp_path, checksum, where, message):
     path = tmp_path / "ckpt.pt"
-    make_state().save(path)
+    make_state().save(path, checksum=checksum)
     data = bytearray(path.read_bytes())
-    index = {"payload": len(data) // 2, "header": 8 + 4 + 4 + 8 + 3, "trailer": -2}[where]
-    data[index] ^= 0xFF
+    data[where(data)] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointCorrupted, match="is corrupted .*restore an older one"):
+    with pytest.raises(CheckpointCorrupted, match=f"{message}.*restore an older one"):
         make_state().load(path)
 
 
 @pytest.mark.parametrize("cut", [lambda n: 10, lambda n: n // 2, lambda n: n - 1],
-                         ids=["inside-header", "half", "last-byte"])
+                         ids=["start", "half", "last-byte"])
 def test_truncated_checkpoint_is_detected(tmp_path, cut):
     path = tmp_path / "ckpt.pt"
     make_state().save(path)
     data = path.read_bytes()
     size = cut(len(data))
     path.write_bytes(data[:size])
-    with pytest.raises(CheckpointCorrupted, match=rf"{path} is truncated \(.*found {size}\b"):
+    with pytest.raises(CheckpointCorrupted,
+                       match=rf"{path} is truncated, or not a checkpoint .*\(found {size} bytes"):
         make_state().load(path)
-    if size > 100:
-        with pytest.raises(CheckpointCorrupted, match=rf"expected {len(data)} bytes, found"):
-            load_checkpoint(path)
+
+
+def test_a_checkpoint_is_a_torch_archive_that_plain_torch_load_reads(tmp_path):
+    """No lock-in: the payload starts the file, so torch.load (mapped or not) reads it."""
+    path = tmp_path / "ckpt.pt"
+    state = make_state()
+    state.save(path)
+    for mmap in (False, True):
+        plain = torch.load(path, weights_only=True, mmap=mmap)
+        assert torch.equal(plain["model"]["0.weight"], state.model[0].weight)
+
+
+def test_format_1_checkpoints_are_still_read():
+    """Written by the previous release: a header before the payload, SHA-256 pieces."""
+    path = Path(__file__).parent / "data" / "checkpoint-v1.pt"
+    state = load_checkpoint(path, fingerprint="v1-test")
+    assert torch.equal(state["w"], torch.arange(6.).reshape(2, 3)) and state["step"] == 7
+    with pytest.raises(CheckpointMismatch, match="written for another model"):
+        load_checkpoint(path, fingerprint="other")
+
+
+def test_format_1_damage_is_still_detected(tmp_path):
+    data = bytearray((Path(__file__).parent / "data" / "checkpoint-v1.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path = tmp_path / "v1.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupted, match="SHA-256 does not match"):
+        load_checkpoint(path)
+    path.write_bytes(bytes(data[:-5]))
+    with pytest.raises(CheckpointCorrupted, match=r"is truncated \(expected \d+ bytes"):
+        load_checkpoint(path)
+
+
+def test_an_unknown_checksum_is_refused_before_any_file_is_made(tmp_path):
+    with pytest.raises(ValueError, match="checksum must be one of crc32, sha256, got 'md5'"):
+        make_state().save(tmp_path / "c.pt", checksum="md5")
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        make_state().save(tmp_path / "c.pt", asynchronous=True, checksum="md5")
+    assert os.listdir(tmp_path) == []
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -199,6 +249,35 @@ def test_async_save_equals_the_committed_state(tmp_path):
     fresh.load(tmp_path / "a.pt")
     assert_same(snapshot(fresh), committed)
     assert sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_commits_while_an_async_save_writes_leave_its_snapshot_alone(tmp_path, monkeypatch):
+    """The write is held back until two more steps are committed: the file still holds the
+    state of the save, and the state holds the later commit."""
+    release = threading.Event()
+    real_save = checkpoint.save_checkpoint
+
+    def held_save(*args, **kwargs):
+        assert release.wait(30)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held_save)
+    state = make_state()
+    train(state, 3)
+    state.commit()
+    saved = snapshot(state)
+    state.save(tmp_path / "a.pt", asynchronous=True)
+    train(state, 2)
+    state.commit()
+    later = snapshot(state)
+    release.set()
+    state.wait_for_save()
+    state.restore()
+    assert_same(snapshot(state), later)
+    fresh = make_state(seed=5)
+    fresh.load(tmp_path / "a.pt")
+    assert_same(snapshot(fresh), saved)
+    assert fresh.step == 3 and state.step == 5
 
 
 def test_async_errors_surface_on_the_next_call(tmp_path):
