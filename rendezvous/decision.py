@@ -121,6 +121,7 @@ def _since(view: View, nid: str) -> float:
 def _newcomers(view: View, current: Sequence[str], cooling: Mapping[str, float]) -> list:
     """Waiting nodes in the order they get ranks: by --node-rank where given, then join order
     (released nodes and nodes cooling down wait out)."""
+    current = set(current)
     waiting = [nid for nid in view.nodes if nid not in current and nid not in cooling
                and nid not in view.released]
 
@@ -184,7 +185,7 @@ def decide(view: View, settings: RendezvousSettings) -> Decision:
         return Wait()
     current = view.round
     # Only live nodes outside the round can be left out of the next one.
-    members = current.node_ids if current else ()
+    members = set(current.node_ids) if current else set()
     cooling = blacklist.cooling_down(_blacklist(view), view.now)
     cooling = {nid: until for nid, until in cooling.items()
                if nid in view.nodes and nid not in members and nid not in view.released}
@@ -228,10 +229,11 @@ def _decide_waiting(view: View, settings: RendezvousSettings,
         if view.now < ready_at:
             return _wake(ready_at, cooling, kept)
     members = candidates[:target]
+    chosen = {m.node_id for m in members}
     return Publish(
         _next_round(view, members, cause=cause,
                     records=blacklist.cut_short(_blacklist(view), kept, view.now)),
-        joined=tuple(nid for nid in newcomers if nid in {m.node_id for m in members}),
+        joined=tuple(nid for nid in newcomers if nid in chosen),
         kept=tuple(kept),
     )
 

@@ -17,6 +17,14 @@ Layout (all values JSON unless noted):
 The job's event history is kept beside, at /elastic-events/<run_id>/<node_id>/<seq> (the last
 EVENTS_KEPT of every node), so that reading the job does not read its history.
 
+Reading the job costs O(changes), not O(nodes): once `watch()` runs, the store keeps a mirror of
+the job's keys (one read, then the watch's events applied in revision order) and `snapshot()`
+answers from memory. Three things make it read etcd again: this store wrote (read your own
+writes: one full read, by the writer only); the watch broke (until `rewatch()`); and every
+CONFIRM_S at rest, one small read of the round key, which notices an etcd out of reach or a
+silently stalled watch. So a membership change costs each agent no request but the ones it
+writes, instead of a full read of every node's registration by every node.
+
 `JobStore` is what the agent and membership need; `EtcdStore` implements it (contract tests
 against a real etcd in tests/integration/test_store.py). Every client-library error becomes a
 RendezvousConnectionError here (`raise ... from`).
@@ -26,8 +34,11 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+from pyetcd.events import DeleteEvent
 
 from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousConnectionError, Round,
                   StopRequest)
@@ -37,6 +48,7 @@ from .decision import FailureReport
 PREFIX = "/elastic"
 EVENTS_PREFIX = "/elastic-events"
 EVENTS_KEPT = 200  # per node
+CONFIRM_S = 2.0  # at rest, a mirrored snapshot is checked against etcd this often
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,123 @@ def _converted(method):
     return wrapper
 
 
+def _writes(method):
+    """A write to the job's keys: this store's next snapshot() reads etcd (read your writes)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._dirty = True
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _parse(rel: List[str], value: bytes):
+    """The record stored at a job-relative key (split at "/"); None for keys snapshot() skips."""
+    kind = rel[0]
+    if kind == "nodes":
+        return NodeInfo.from_json(value)
+    if kind == "leader":
+        return value.decode()
+    if kind == "round":
+        return Round.from_json(value)
+    if kind == "master":
+        return value.decode()
+    if kind == "failures":
+        return FailureReport(**json.loads(value))
+    if kind == "state":
+        return JobOutcome.from_json(value)
+    if kind == "spec":
+        return JobSpec.from_json(value)
+    if kind == "inplace":
+        return True
+    if kind == "release":
+        return Release.from_json(value)
+    if kind == "stop":
+        return StopRequest.from_json(value)
+    return None
+
+
+def _assemble(entries) -> Snapshot:
+    """A Snapshot of parsed entries: (rel key parts, record, mod revision) each."""
+    nodes, masters, failures, released = {}, {}, {}, {}
+    leader = rnd = outcome = spec = stop = None
+    revision, in_place, spec_revision = 0, False, 0
+    for rel, record, mod_revision in entries:
+        kind = rel[0]
+        if kind == "nodes":
+            nodes[rel[1]] = record
+        elif kind == "leader":
+            leader = record
+        elif kind == "round":
+            rnd, revision = record, mod_revision
+        elif kind == "master":
+            masters[int(rel[1])] = record
+        elif kind == "failures":
+            failures.setdefault(int(rel[1]), []).append(record)
+        elif kind == "state":
+            outcome = record
+        elif kind == "spec":
+            spec, spec_revision = record, mod_revision
+        elif kind == "inplace":
+            in_place = True
+        elif kind == "release":
+            released[rel[1]] = record
+        elif kind == "stop":
+            stop = record
+    return Snapshot(
+        nodes=nodes, leader=leader, round=rnd, round_revision=revision, masters=masters,
+        failures={k: tuple(v) for k, v in failures.items()}, outcome=outcome, spec=spec,
+        in_place=in_place, spec_revision=spec_revision, released=released, stop=stop,
+    )
+
+
+class _Mirror:
+    """The job's keys (extensions' aside) as of `revision`, parsed; rebuilt into a Snapshot
+    only after a change."""
+
+    def __init__(self, root: str, kvs, revision: int) -> None:
+        self._root = root
+        self._read_at = self.revision = revision
+        self._entries: Dict[str, tuple] = {}
+        for kv in kvs:
+            self._put(kv.key.decode(), kv.value, kv.mod_revision)
+        self._built: Optional[Snapshot] = None
+
+    def _put(self, key: str, value: bytes, mod_revision: int) -> None:
+        rel = key[len(self._root):].split("/")
+        record = _parse(rel, value)
+        if record is not None:
+            self._entries[key] = (rel, record, mod_revision)
+
+    def apply(self, events) -> bool:
+        """Apply a watch response's events in order; True if a job key changed."""
+        changed = False
+        for event in events:
+            # One revision can hold several events (a revoked lease deletes all its keys).
+            if event.mod_revision <= self._read_at:
+                continue  # already in the read this mirror started from
+            key = event.key.decode()
+            if key[len(self._root):].startswith("ext/"):
+                continue
+            if isinstance(event, DeleteEvent):
+                self._entries.pop(key, None)
+            else:
+                self._put(key, event.value, event.mod_revision)
+            self.revision = max(self.revision, event.mod_revision)
+            changed = True
+        if changed:
+            self._built = None
+        return changed
+
+    def round_revision(self) -> int:
+        entry = self._entries.get(self._root + "round")
+        return entry[2] if entry else 0
+
+    def snapshot(self) -> Snapshot:
+        if self._built is None:
+            self._built = _assemble(self._entries.values())
+        return self._built
+
+
 class EtcdStore:
     """One job's view of etcd. Thread-safe: the underlying gRPC channel is."""
 
@@ -122,6 +251,13 @@ class EtcdStore:
         self._client = connect(endpoint, timeout=timeout, security=security)
         self._watch_id = None
         self._lock = threading.Lock()
+        self._init_mirror()
+
+    def _init_mirror(self) -> None:
+        self._mirror: Optional[_Mirror] = None  # while the watch runs
+        self._mirror_lock = threading.Lock()
+        self._confirmed_at = 0.0
+        self._dirty = False
 
     @classmethod
     def attach(cls, client, endpoint: str, run_id: str,
@@ -133,6 +269,7 @@ class EtcdStore:
         store._root, store._events = f"{PREFIX}/{run_id}/", f"{EVENTS_PREFIX}/{run_id}/"
         store._client, store._watch_id, store._lock = client, None, threading.Lock()
         store._attached = True
+        store._init_mirror()
         return store
 
     def _key(self, *parts) -> str:
@@ -150,6 +287,7 @@ class EtcdStore:
         return bool(responses) and responses[-1].TTL > 0
 
     @_converted
+    @_writes
     def revoke_lease(self, lease_id: int) -> None:
         try:
             self._client.revoke_lease(lease_id)
@@ -159,6 +297,7 @@ class EtcdStore:
 
     # -- writes --------------------------------------------------------------------------
     @_converted
+    @_writes
     def ensure_spec(self, spec: JobSpec) -> JobSpec:
         """Write the job spec unless one exists; return the spec in force."""
         self._client.put_if_not_exists(self._key("spec"), spec.to_json())
@@ -166,6 +305,7 @@ class EtcdStore:
         return JobSpec.from_json(value)
 
     @_converted
+    @_writes
     def change_spec(self, spec: JobSpec, expected_revision: int,
                     releases: Dict[str, Release] = None) -> bool:
         """Replace the spec (and write release records) only if nobody changed it since it was
@@ -181,6 +321,7 @@ class EtcdStore:
         return ok
 
     @_converted
+    @_writes
     def request_stop(self, request: StopRequest) -> bool:
         """Ask the job to stop, once, unless it ended; True if this call made the request."""
         tx = self._client.transactions
@@ -191,6 +332,7 @@ class EtcdStore:
         return ok
 
     @_converted
+    @_writes
     def clear_release(self, node_id: str) -> None:
         self._client.delete(self._key("release", node_id))
 
@@ -211,10 +353,12 @@ class EtcdStore:
         return sorted(records, key=lambda r: (r.get("time", 0.0), r.get("node", "")))
 
     @_converted
+    @_writes
     def register(self, node: NodeInfo) -> None:
         self._client.put(self._key("nodes", node.node_id), node.to_json(), lease=node.lease_id)
 
     @_converted
+    @_writes
     def campaign(self, node_id: str, lease_id: int) -> bool:
         """Become leader if nobody is; the key vanishes with the lease, so a dead leader is replaced."""
         key = self._key("leader")
@@ -227,6 +371,7 @@ class EtcdStore:
         return ok
 
     @_converted
+    @_writes
     def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool:
         """Replace the round only if nobody replaced it since we read it and we still lead.
 
@@ -243,14 +388,17 @@ class EtcdStore:
         return ok
 
     @_converted
+    @_writes
     def put_master(self, number: int, addr: str) -> None:
         self._client.put(self._key("master", number), addr)
 
     @_converted
+    @_writes
     def report_failure(self, number: int, report: FailureReport) -> None:
         self._client.put(self._key("failures", number, report.node_id), json.dumps(asdict(report)))
 
     @_converted
+    @_writes
     def set_outcome(self, outcome: JobOutcome) -> JobOutcome:
         """Write the terminal state once; return whichever outcome won."""
         self._client.put_if_not_exists(self._key("state"), outcome.to_json())
@@ -258,10 +406,12 @@ class EtcdStore:
         return JobOutcome.from_json(value)
 
     @_converted
+    @_writes
     def mark_in_place(self) -> None:
         self._client.put(self._key("inplace"), "1")
 
     @_converted
+    @_writes
     def delete_job(self) -> None:
         self._client.delete_prefix(self._root)
         self._client.delete_prefix(self._events)
@@ -311,38 +461,33 @@ class EtcdStore:
     # -- reads ---------------------------------------------------------------------------
     @_converted
     def snapshot(self) -> Snapshot:
-        nodes, masters, failures, released = {}, {}, {}, {}
-        leader = rnd = outcome = spec = stop = None
-        revision, in_place, spec_revision = 0, False, 0
-        for value, meta in self._client.get_prefix(self._root):
-            rel = meta.key.decode()[len(self._root):].split("/")
-            kind = rel[0]
-            if kind == "nodes":
-                nodes[rel[1]] = NodeInfo.from_json(value)
-            elif kind == "leader":
-                leader = value.decode()
-            elif kind == "round":
-                rnd, revision = Round.from_json(value), meta.mod_revision
-            elif kind == "master":
-                masters[int(rel[1])] = value.decode()
-            elif kind == "failures":
-                report = FailureReport(**json.loads(value))
-                failures.setdefault(int(rel[1]), []).append(report)
-            elif kind == "state":
-                outcome = JobOutcome.from_json(value)
-            elif kind == "spec":
-                spec, spec_revision = JobSpec.from_json(value), meta.mod_revision
-            elif kind == "inplace":
-                in_place = True
-            elif kind == "release":
-                released[rel[1]] = Release.from_json(value)
-            elif kind == "stop":
-                stop = StopRequest.from_json(value)
-        return Snapshot(
-            nodes=nodes, leader=leader, round=rnd, round_revision=revision, masters=masters,
-            failures={k: tuple(v) for k, v in failures.items()}, outcome=outcome, spec=spec,
-            in_place=in_place, spec_revision=spec_revision, released=released, stop=stop,
-        )
+        """The job as of one etcd revision: from the mirror while the watch runs (see the
+        module's docstring), else read."""
+        with self._mirror_lock:
+            mirror, dirty = self._mirror, self._dirty
+            if mirror is not None and not dirty:
+                if time.monotonic() - self._confirmed_at < CONFIRM_S:
+                    return mirror.snapshot()
+        if mirror is not None and not dirty:
+            response = self._client.get_response(self._key("round"))
+            found = response.kvs[0].mod_revision if response.kvs else 0
+            with self._mirror_lock:
+                if self._mirror is mirror and mirror.round_revision() == found:
+                    self._confirmed_at = time.monotonic()
+                    return mirror.snapshot()
+        return self._read()
+
+    def _read(self) -> Snapshot:
+        """Read the whole job; a running watch's mirror starts over from what was read."""
+        with self._mirror_lock:
+            self._dirty = False  # a write from now on is after this read: dirty again
+        response = self._client.get_prefix_response(self._root)
+        read = _Mirror(self._root, response.kvs, response.header.revision)
+        with self._mirror_lock:
+            if self._mirror is not None and read.revision > self._mirror.revision:
+                self._mirror = read
+                self._confirmed_at = time.monotonic()
+        return read.snapshot()
 
     # -- change notification -------------------------------------------------------------
     @_converted
@@ -350,17 +495,30 @@ class EtcdStore:
         """Call `callback()` (from a client thread) whenever any key of the job changes, except
         an extension's: Horovod workers write dozens of rendezvous keys per round and no agent
         decision depends on them."""
-        extensions = self._key("ext", "").encode()
-
         def on_response(response) -> None:
-            events = getattr(response, "events", None)  # an error is passed on as it is
-            if events and all(e.key.startswith(extensions) for e in events):
+            events = getattr(response, "events", None)
+            if events is None:  # the stream broke: snapshot() reads until rewatch()
+                with self._mirror_lock:
+                    self._mirror = None
+                callback()
                 return
-            callback()
+            with self._mirror_lock:
+                # The mirror in use, maybe started over by _read(): its revision skips the rest.
+                current = self._mirror
+                changed = current.apply(events) if current is not None else bool(events)
+            if changed:
+                callback()
 
         with self._lock:
             if self._watch_id is None:
-                self._watch_id = self._client.add_watch_prefix_callback(self._root, on_response)
+                response = self._client.get_prefix_response(self._root)
+                mirror = _Mirror(self._root, response.kvs, response.header.revision)
+                with self._mirror_lock:
+                    self._mirror, self._confirmed_at = mirror, time.monotonic()
+                    self._dirty = False
+                # From the revision after the read: no change is missed or applied twice.
+                self._watch_id = self._client.add_watch_prefix_callback(
+                    self._root, on_response, start_revision=mirror.revision + 1)
 
     def rewatch(self, callback: Callable[[], None]) -> None:
         """Watch again after an outage: the client drops a watch whose stream broke."""
@@ -371,6 +529,8 @@ class EtcdStore:
                 except Exception:
                     pass  # already gone with the broken stream
                 self._watch_id = None
+            with self._mirror_lock:
+                self._mirror = None
         self.watch(callback)
 
     def close(self) -> None:

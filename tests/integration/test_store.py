@@ -167,3 +167,117 @@ def test_an_extensions_keys_are_its_own_and_wake_no_agent(store):
     assert woken == [1]
     snap = store.snapshot()
     assert snap.nodes == {} and snap.in_place
+
+
+class CountingClient:
+    """The etcd client of a store, counting the requests made through it (not the watch's
+    events, which arrive on the stream opened once; not lease keep-alives)."""
+
+    NOT_COUNTED = {"refresh_lease", "add_watch_prefix_callback", "cancel_watch", "close"}
+
+    def __init__(self, client):
+        self._client, self.calls = client, []
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if callable(attr) and name not in self.NOT_COUNTED:
+            def counted(*args, **kwargs):
+                self.calls.append(name)
+                return attr(*args, **kwargs)
+            return counted
+        return attr
+
+
+def test_a_watching_store_answers_from_its_mirror_as_a_fresh_read_would(etcd_endpoint, store):
+    """Every kind of key, written by another store (another agent), deleted and rewritten."""
+    writer = EtcdStore(etcd_endpoint, store.run_id)
+    reader = EtcdStore(etcd_endpoint, store.run_id)  # no watch: reads etcd each time
+    changed = threading.Event()
+    try:
+        node(writer, "a", ttl=60)
+        store.watch(changed.set)
+        b = node(writer, "b", ttl=60)
+        assert writer.campaign("a", b.lease_id)
+        rnd = Round(number=1, members=(Member("a", "127.0.0.1", 1), Member("b", "127.0.0.1", 1)))
+        assert writer.publish_round(rnd, 0, "a")
+        writer.put_master(1, "127.0.0.1:29500")
+        writer.report_failure(1, FailureReport(node_id="b", time=1.0, description="x",
+                                               exit_code=1))
+        writer.mark_in_place()
+        writer.ext_put("horovod", "k", b"v")  # not part of a snapshot
+        writer.revoke_lease(b.lease_id)  # b's registration and the leadership go
+        node(writer, "c", ttl=60)
+        ok = wait_until(lambda: store.snapshot() == reader.snapshot())
+        a_, b_ = store.snapshot(), reader.snapshot()  # what differs, if it never caught up
+        assert ok, [(f, getattr(a_, f), getattr(b_, f)) for f in a_.__dataclass_fields__
+                    if getattr(a_, f) != getattr(b_, f)]
+        snap = store.snapshot()
+        assert set(snap.nodes) == {"a", "c"} and snap.leader is None
+        assert snap.round == rnd and snap.masters == {1: "127.0.0.1:29500"}
+        assert snap.failures_for(1)[0].node_id == "b" and snap.in_place
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_store_reads_its_own_writes_at_once(store):
+    store.watch(lambda: None)
+    info = node(store, "a")  # no waiting for the watch to deliver it
+    assert "a" in store.snapshot().nodes
+    assert store.campaign("a", info.lease_id)
+    assert store.snapshot().leader == "a"
+
+
+def test_a_broken_watch_makes_the_store_read_until_it_watches_again(store, monkeypatch):
+    store.watch(lambda: None)
+    counting = CountingClient(store._client)
+    monkeypatch.setattr(store, "_client", counting)
+    store.snapshot()
+    assert counting.calls == []  # from the mirror
+    # What the client library hands the callback when the stream breaks: an error.
+    callback = store._client._client.watcher._callbacks[store._watch_id]
+    callback(RuntimeError("stream broken"))
+    store.snapshot()
+    assert counting.calls == ["get_prefix_response"]
+
+
+@pytest.mark.parametrize("others", [2, 10])
+def test_a_membership_change_costs_an_agent_requests_independent_of_the_job_size(
+        etcd_endpoint, run_id, others, monkeypatch):
+    """Agents that watch and step as the launcher's loop does; one node joins. The leader
+    writes the new round (and reads it back); every other agent makes no request at all,
+    however many they are (before, each read every node's registration on each change)."""
+    monkeypatch.setattr("rendezvous.store.CONFIRM_S", 3600.0)  # no confirming read meanwhile
+    settings = RendezvousSettings(run_id=run_id, min_nodes=1, max_nodes=others + 1,
+                                  last_call_timeout=0.1, join_settle=0.0, lease_ttl=30)
+    stores = [EtcdStore(etcd_endpoint, run_id) for _ in range(others + 1)]
+    members = [Membership(s, settings, host="127.0.0.1", nproc=1, health_addr=f"x:{i}",
+                          node_id=f"n{i:02d}") for i, s in enumerate(stores)]
+    try:
+        for m in members[:others]:
+            m.join()
+            m.store.watch(lambda: None)
+
+        def settled(group, size):
+            for m in group:
+                m.step()
+            return all((r := m.store.snapshot().round) is not None and len(r.node_ids) == size
+                       for m in group)
+
+        assert wait_until(lambda: settled(members[:others], others), timeout=30)
+        for m in members[:others]:
+            m.store._client = CountingClient(m.store._client)
+        newcomer = members[others]
+        newcomer.join()
+        assert wait_until(lambda: settled(members[:others], others + 1), timeout=30)
+        calls = {m.node_id: m.store._client.calls for m in members[:others]}
+        leader = members[0].store.snapshot().leader
+        assert leader in calls
+        assert {nid: c for nid, c in calls.items() if nid != leader and c} == {}
+        assert len(calls[leader]) <= 3, calls[leader]  # the round's compare-and-swap, a read
+    finally:
+        for m in members:
+            m.leave()
+        stores[0].delete_job()
+        for s in stores:
+            s.close()
