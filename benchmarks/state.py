@@ -7,11 +7,14 @@ with SGD momentum (or --optimizer adam) state, on CPU. Per repetition, in altern
                                   vs  copy.deepcopy of model + optimizer state dicts (same content)
     save(path)                    vs  torch.save(state.state_dict(), path2), same directory
                                   vs  the same torch.save, then fsync of the file and directory
+    save(path, checksum="sha256") vs  torch.save + fsync
     save(path, asynchronous=True) vs  torch.save: time the training thread is blocked, and total
     load(path)                    vs  torch.load(path2)
                                   vs  torch.load(path2) + model/optimizer.load_state_dict
+    load_checkpoint(path, mmap=True) + load_state_dict
+                                  vs  torch.load(path2, mmap=True) + load_state_dict
 
-save() hashes, fsyncs and renames; torch.save does none of that. Dirty pages are flushed (os.sync)
+save() checksums, fsyncs and renames; torch.save does none of that. Dirty pages are flushed (os.sync)
 before every timed save or load, untimed, so one side's write-back does not land on the other's
 clock. Stops starting repetitions after --budget seconds; removes its files.
 
@@ -34,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from elastic.checkpoint import load_checkpoint  # noqa: E402
 from elastic.sampler import ElasticSampler  # noqa: E402
 from elastic.state import ElasticState  # noqa: E402
 
@@ -102,8 +106,14 @@ def main() -> None:
         finally:
             os.close(fd)
 
-    def load_into_model() -> None:
-        loaded = torch.load(theirs)
+    def load_into_model(mmap: bool = False) -> None:
+        loaded = torch.load(theirs, mmap=mmap)
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+
+    def load_checkpoint_into_model() -> None:
+        """What a user of load_checkpoint does to start from a checkpoint: verify, map, copy in."""
+        loaded = load_checkpoint(ours, fingerprint=state.fingerprint, mmap=True)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
 
@@ -118,6 +128,9 @@ def main() -> None:
          "torch.save", lambda: timed(lambda: torch.save(state.state_dict(), theirs), flush=True)),
         ("save()", lambda: timed(lambda: state.save(ours), flush=True),
          "torch.save + fsync", lambda: timed(durable_torch_save, flush=True)),
+        ("save(checksum=sha256)", lambda: timed(lambda: state.save(ours, checksum="sha256"),
+                                                flush=True),
+         "torch.save + fsync", lambda: timed(durable_torch_save, flush=True)),
         ("save(asynchronous) blocked", lambda: async_save()[0],
          "torch.save", lambda: timed(lambda: torch.save(state.state_dict(), theirs), flush=True)),
         ("save(asynchronous) written", lambda: async_save()[1],
@@ -126,6 +139,9 @@ def main() -> None:
          "torch.load", lambda: timed(lambda: torch.load(theirs), flush=True)),
         ("load()", lambda: timed(lambda: state.load(ours), flush=True),
          "torch.load + load_state_dict", lambda: timed(load_into_model, flush=True)),
+        ("load_checkpoint(mmap) + lsd", lambda: timed(load_checkpoint_into_model, flush=True),
+         "torch.load(mmap) + load_state_dict",
+         lambda: timed(lambda: load_into_model(mmap=True), flush=True)),
     ]
     samples = {i: ([], []) for i in range(len(rows))}
     reps_done = 0
@@ -166,10 +182,16 @@ def main() -> None:
         print(f"{name:<28} {a:>9.3f}   {base:<32} {b:>9.3f} {a / b:>5.2f}x")
     print()
     print("summary: commit() {:.2f}x deepcopy of the same model+optimizer state; save() {:.2f}x "
-          "torch.save + fsync (+SHA-256, rename); load() {:.2f}x torch.load (+verify, into model)"
+          "torch.save + fsync (+CRC-32, rename; {:.2f}x with SHA-256); save(asynchronous) blocks "
+          "{:.3f} s; load() {:.2f}x torch.load + load_state_dict (+verify); "
+          "load_checkpoint(mmap) + load_state_dict {:.2f}x the same with torch.load(mmap)"
           .format(ratios[("commit()", "deepcopy(model + optimizer state)")],
                   ratios[("save()", "torch.save + fsync")],
-                  ratios[("load()", "torch.load + load_state_dict")]))
+                  ratios[("save(checksum=sha256)", "torch.save + fsync")],
+                  statistics.median(samples[[r[0] for r in rows].index(
+                      "save(asynchronous) blocked")][0]),
+                  ratios[("load()", "torch.load + load_state_dict")],
+                  ratios[("load_checkpoint(mmap) + lsd", "torch.load(mmap) + load_state_dict")]))
 
 
 def _tensors(obj):

@@ -264,13 +264,16 @@ _ADVICE = "it cannot be used — restore an older one or start fresh"
 
 
 def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_location: Any = "cpu",
-                    weights_only: bool = True, mmap: bool = True) -> dict:
+                    weights_only: bool = True, mmap: bool = False) -> dict:
     """Read a checkpoint written by save_checkpoint, after checking its length and checksums.
 
     `weights_only` is passed to torch.load: the checksum proves the file is intact, not that it
     comes from someone you trust, so arbitrary pickles stay off unless asked for. With `mmap`
     (format 2) the tensors are the file's pages mapped copy-on-write, the ones the check just
-    read into the page cache, rather than a second copy read from it.
+    read into the page cache, rather than a second copy read from it: the quickest way to copy a
+    checkpoint into a model (`load_state_dict`) and drop it. Not for state kept for long: as with
+    torch.load(mmap=True), the file must not be truncated or rewritten in place meanwhile
+    (SIGBUS); a replacement by rename, as save_checkpoint does, is safe.
 
     Raises:
         FileNotFoundError: no file at `path`.

@@ -12,6 +12,7 @@ be probed at once (`remove_dead`), to tell a dead peer from a failure of its own
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from bisect import bisect_right
 from typing import Callable, Iterable, List, Optional
@@ -36,9 +37,11 @@ def ring_successors(node_ids: Iterable[str], me: str, count: int = PROBED_PEERS)
 
 
 class PeerMonitor:
-    def __init__(self, membership: Membership, interval: float, wake: Callable[[], None]):
+    def __init__(self, membership: Membership, interval: float, wake: Callable[[], None],
+                 probed_peers: int = PROBED_PEERS):
         self._membership = membership
         self._interval = interval
+        self._probed_peers = probed_peers
         self._wake = wake
         self._watch = PeerWatch()
         self._stop = threading.Event()
@@ -78,11 +81,15 @@ class PeerMonitor:
         self._watch.forget(info.node_id)
 
     def _loop(self) -> None:
+        # A random phase: agents started together would otherwise probe in the same instant,
+        # and a node's probers would all look at it late, together.
+        if self._stop.wait(random.uniform(0.0, self._interval)):
+            return
         while not self._stop.wait(self._interval):
             snap = self._snapshot
             if snap is None:
                 continue
-            watched = ring_successors(snap.nodes, self._membership.node_id)
+            watched = ring_successors(snap.nodes, self._membership.node_id, self._probed_peers)
             for info in self._others(snap, watched):
                 if self._stop.is_set():
                     return
