@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class RunConfig:
     stay_as_spare: bool = False
     retention_s: float = 86400.0
     security: object = None  # rendezvous.connect.EtcdSecurity, or None
+    preload: Tuple[str, ...] = ()  # modules of the node's zygote; () for none
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -249,7 +251,23 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         node_rank=args.node_rank, role=args.role, console_quiet=quiet, notes=tuple(notes),
         labels=parse_labels(args.node_label), stay_as_spare=args.stay_as_spare,
         retention_s=args.job_retention, security=security_conf(args.rdzv_conf),
+        preload=parse_preload(args.preload),
     )
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_preload(text: str) -> Tuple[str, ...]:
+    """--preload: module names, or none."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not _MODULE_NAME.match(n)]
+    if bad:
+        raise UsageError(f"--preload {text!r}: {', '.join(bad)} is not a module name; give "
+                         "comma-separated names such as torch,torch.distributed, or none")
+    return names
 
 
 def _format(endpoint: Tuple[str, int]) -> str:

@@ -134,13 +134,21 @@ def worker_backend(config: RunConfig, store, host: str):
     from launcher.inplace import InPlaceBackend
 
     guard = HorovodGuard()  # a Horovod script under the torch backend fails at once, and says why
+    closers = [guard.close]
+    zygote = None
+    if config.preload:
+        from launcher.zygote import Zygote
+
+        zygote = Zygote(config.preload)
+        zygote.start()  # from this (the main) thread: it imports while the rendezvous runs
+        closers.insert(0, zygote.close)
 
     def torch(spec, node_id, wake):
-        spec = replace(spec, extra_env={**spec.extra_env, **guard.env})
+        spec = replace(spec, extra_env={**spec.extra_env, **guard.env}, zygote=zygote)
         if mode == "restart":
             return ProcessBackend(spec, hint=guard.hint)
         return InPlaceBackend(spec, wake, forced=mode == "in-place", hint=guard.hint)
-    return torch, [guard.close]
+    return torch, closers
 
 
 def _interrupt(signum, _frame):

@@ -10,6 +10,7 @@ import collections
 import ctypes
 import functools
 import json
+import logging
 import os
 import re
 import shlex
@@ -20,13 +21,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterable, Mapping, Optional, Tuple
+from typing import IO, Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import psutil
 
 from elastic import contract
 from elastic.contract import WorkerWorld
 from rendezvous.scratch import make_scratch
+
+from .zygote import ZygoteWorker
+
+log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 200
 TRACEBACK_MAX_LINES = 50
@@ -66,6 +71,8 @@ class WorkerSpec:
     # local rank -> streams ("stdout", "stderr") kept off the console (--redirects,
     # --local-ranks-filter); the log files and the failure report still have them.
     console_quiet: Mapping[int, frozenset] = field(default_factory=dict)
+    # This node's zygote (launcher.zygote.Zygote): forks workers with torch already imported.
+    zygote: Optional[Any] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -256,6 +263,10 @@ class _Worker:
     def _watch_exit(self) -> None:
         """Note when the process exits, without reaping it (Popen.poll does that): when several
         ranks fail, the first to die is the root cause, the others fail in collectives after."""
+        if isinstance(self.proc, ZygoteWorker):  # the zygote reaps it and says when
+            self.proc.exited.wait()
+            self.exited_at = self.proc.exited_at
+            return
         try:
             os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
         except ChildProcessError:
@@ -373,14 +384,16 @@ class WorkerGroup:
             error_file = os.path.join(self._scratch, f"error-local{local_rank}.json")
             if os.path.exists(error_file):
                 os.unlink(error_file)  # a file left by this rank's previous process
+            env = worker_env(base, self.spec, assignment, local_rank, error_file)
             try:
-                proc = subprocess.Popen(
-                    self.spec.argv,
-                    env=worker_env(base, self.spec, assignment, local_rank, error_file),
-                    stdin=subprocess.DEVNULL,  # workers must not compete with the agent for a tty
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True, preexec_fn=preexec,
-                )
+                proc = self._fork(env)
+                if proc is None:
+                    proc = subprocess.Popen(
+                        self.spec.argv, env=env,
+                        stdin=subprocess.DEVNULL,  # workers must not compete for the agent's tty
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        start_new_session=True, preexec_fn=preexec,
+                    )
             except OSError as exc:
                 if log is not None:
                     log.close()
@@ -400,6 +413,19 @@ class WorkerGroup:
                 reader.start()
                 worker.readers.append(reader)
             self._workers.append(worker)
+
+    def _fork(self, env: Mapping[str, str]) -> Optional[Any]:
+        """A worker forked by the node's zygote, or None: no zygote, a command it cannot run,
+        or it failed (then the worker is spawned as a new process)."""
+        zygote = self.spec.zygote
+        if zygote is None or not zygote.can_run(self.spec.argv, env):
+            return None
+        try:
+            return zygote.spawn(self.spec.argv, env, os.getcwd())
+        except OSError as exc:
+            log.warning("the zygote could not fork a worker (%s); starting it as a new process",
+                        exc)
+            return None
 
     def set_ranks(self, rank_offset: int) -> None:
         """In-place workers entered a new world: label their output with their new ranks."""

@@ -75,6 +75,22 @@ def processes_with_mark(mark):
     return found
 
 
+def workers_of(agent_pid: int) -> list:
+    """An agent's worker processes: those its zygote forked (launcher/zygote.py) and those it
+    started itself, not its etcd."""
+    found = []
+    for child in psutil.Process(agent_pid).children():
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "launcher.zygote" in command:
+            found += child.children()
+        elif command and not os.path.basename(command[0]).startswith("etcd"):
+            found.append(child)
+    return found
+
+
 def wait_for(predicate, timeout=60.0, interval=0.1, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -193,9 +193,11 @@ def test_an_agent_killed_alone_by_sigkill_takes_its_workers_and_etcd_and_the_nex
 def test_workers_of_a_one_machine_job_listen_on_loopback_only(tmp_path):
     mark = new_mark()
     stop = tmp_path / "stop"
-    agent = Agent(["--nproc-per-node", "2", REPO / "tests" / "integration" / "scripts" /
-                   "steps.py", "--stop-file", stop, "--step-sleep", "0.2"], tmp_path, "agent",
-                  mark)
+    # Workers as new processes: /proc shows a zygote-forked worker's command line and
+    # environment as the zygote's (they were set at exec).
+    agent = Agent(["--nproc-per-node", "2", "--preload", "none",
+                   REPO / "tests" / "integration" / "scripts" / "steps.py", "--stop-file", stop,
+                   "--step-sleep", "0.2"], tmp_path, "agent", mark)
     try:
         wait_for(lambda: "world=2 rank=1" in agent.output(), timeout=60, what="training")
         workers = [p for p in psutil.Process(agent.proc.pid).children()

@@ -2,10 +2,10 @@
 import re
 import time
 
-import psutil
 import pytest
 
-from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
+from .agents import (STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for,
+                     workers_of)
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_a_node_joining_while_the_first_workers_start_keeps_their_processes(
     try:
         wait_for(lambda: any(e["event"] == "rendezvous" for e in read_events(logs)),
                  timeout=60, what="a's first workers to be started")
-        first_workers = {p.pid for p in psutil.Process(a.proc.pid).children()}
+        first_workers = {p.pid for p in workers_of(a.proc.pid)}
         time.sleep(1.0)  # a's workers are still starting (--start-delay)
         b = Agent(args, tmp_path, "b", mark)
         wait_for(lambda: "world=4 rank=0" in a.output(), timeout=90, what="a and b together")

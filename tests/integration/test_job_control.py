@@ -8,14 +8,14 @@ import sys
 import threading
 from pathlib import Path
 
-import psutil
 import pyetcd
 import pytest
 import torch
 
 from rendezvous.client import JobClient, JobEnded, NodeJoined, NodeLeft, RoundPublished
 
-from .agents import REPO, STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
+from .agents import (REPO, STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for,
+                     workers_of)
 from .test_training_semantics import (DATASET, EPOCHS, assert_same_params,  # noqa: F401
                                       exactly_what_was_trained, make_job, reference_params, seen,
                                       surviving_steps)
@@ -107,8 +107,7 @@ def test_resize_up_admits_a_pre_warmed_spare_in_place(tmp_path, etcd_endpoint, r
             spare = Agent(args, tmp_path, "spare", mark)
             wait_for(lambda: any(n.state == "spare" for n in client.status(run_id).nodes),
                      timeout=60, what="the spare to register")
-            standby = [p for p in psutil.Process(spare.proc.pid).children()
-                       if "allreduce_loop" in " ".join(p.cmdline())]
+            standby = workers_of(spare.proc.pid)
             assert len(standby) == 1  # its worker waits, pre-warmed
             client.resize(run_id, 2)
             wait_for(lambda: "world=2 rank=1" in spare.output(), timeout=60,

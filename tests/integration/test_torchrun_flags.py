@@ -81,8 +81,11 @@ def test_local_ranks_filter_and_redirects_keep_output_off_the_console_not_out_of
 
 
 def test_role_tee_and_ignored_flags_in_a_running_job(agents):
+    # --preload none: the workers' environment is read from /proc below, which shows a
+    # zygote-forked worker's as the zygote's.
     a = agents("a", ["--nproc-per-node", "2", "--role", "trainer", "--tee", "3",
-                     "--start-method", "fork", "--run-path"], ["--step-sleep", "0.1"])
+                     "--start-method", "fork", "--run-path", "--preload", "none"],
+               ["--step-sleep", "0.1"])
     wait_for(lambda: "world=2 rank=1" in a.output(), timeout=60, what="training")
     workers = [p for p in psutil.Process(a.proc.pid).children()
                if any("steps.py" in part for part in p.cmdline())]

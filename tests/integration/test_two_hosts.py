@@ -66,8 +66,10 @@ def pids_in(text, world):
 
 def test_join_and_sigkilled_host_across_two_hosts_with_no_variable_set_by_hand(cluster):
     first, second = cluster.hosts
-    args = ["--nnodes", "1:2", "--nproc-per-node", "2", SCRIPTS / "allreduce_loop.py",
-            "--stop-file", cluster.stop_file]
+    # --preload none: the workers' environment is read from /proc below, which shows a
+    # zygote-forked worker's as the zygote's.
+    args = ["--nnodes", "1:2", "--nproc-per-node", "2", "--preload", "none",
+            SCRIPTS / "allreduce_loop.py", "--stop-file", cluster.stop_file]
     a = cluster("a", first, args)
     wait_for(lambda: "world=2 rank=0" in a.output(), timeout=90, what="a training alone")
     b = cluster("b", second, args)
