@@ -6,7 +6,10 @@ integrations.torch.run), one agent per "node", `--nnodes 1:2 --nproc-per-node 1`
 
   ours-inplace  python -m elastic.run --rescale-mode auto     (survivors switch in place; a joining
                                                                 node pre-warms its workers first)
-  ours-restart  python -m elastic.run --rescale-mode restart  (every change restarts the workers)
+  ours-restart  python -m elastic.run --rescale-mode restart  (every change restarts the workers,
+                                                                forked by the node's zygote)
+  ours-restart-spawn  the same with --preload none             (every worker a new process: what
+                                                                restart mode did before the zygote)
   torchrun      python -m torch.distributed.run --rdzv-backend c10d
 
 Four scenarios per repetition (the last two through the job client, for our launcher only:
@@ -35,7 +38,7 @@ are started together (the table says so). Launchers alternate within each of --r
 A wait that runs past --timeout, or ends with an agent giving up on a timeout, is a hang; any other
 crash is a failure; both stay in the table and count as "no result" in the median.
 
-    python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours-inplace,ours-restart,torchrun]
+    python benchmarks/rescale.py [--reps 3] [--timeout 90] [--launchers ours-inplace,ours-restart,ours-restart-spawn,torchrun]
                                  [--horovod]
 
 --horovod then also times Horovod workers (--backend horovod) against horovodrun's elastic mode
@@ -68,7 +71,12 @@ from tests.support import kill_tree  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "benchmarks" / "rescale_train.py"
 TRAIN_ARGS = ["--commit-every", "5", "--step-sleep", "0.05"]  # the job never ends by itself
-LAUNCHERS = {"ours-inplace": "auto", "ours-restart": "restart", "torchrun": None}  # -> --rescale-mode
+LAUNCHERS = {  # -> elastic.run's flags
+    "ours-inplace": ("--rescale-mode", "auto"),
+    "ours-restart": ("--rescale-mode", "restart"),
+    "ours-restart-spawn": ("--rescale-mode", "restart", "--preload", "none"),
+    "torchrun": None,
+}
 POLL_S = 0.05
 ETCD_START_TIMEOUT_S = 30.0
 SETTLE_AT_WORLD_2_S = 2.0  # let the two-agent world train a little before killing B
@@ -171,7 +179,7 @@ class Run:
         return [sys.executable, "-m", "elastic.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                 "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.rdzv_id,
                 "--rdzv-conf", "last_call_timeout=0.5", "--monitor-interval", "0.1",
-                "--rescale-mode", LAUNCHERS[self.launcher], "--log-dir", str(self.log_dir(name)), *script]
+                *LAUNCHERS[self.launcher], "--log-dir", str(self.log_dir(name)), *script]
 
     def agent_log(self, name: str) -> Path:
         return self.dir / f"{self.job}-agent-{name}.log"
