@@ -69,3 +69,8 @@ class PeerWatch:
 
     def forget(self, node_id: str) -> None:
         self._misses.pop(node_id, None)
+
+    def retain(self, node_ids) -> None:
+        """Forget the misses of every peer but these (the ones still probed)."""
+        keep = set(node_ids)
+        self._misses = {nid: n for nid, n in self._misses.items() if nid in keep}

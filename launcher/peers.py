@@ -1,7 +1,7 @@
 """Watching the other agents: a background prober that removes dead nodes at once.
 
 Every `interval` it probes the health endpoint (rendezvous.liveness) of the next PROBED_PEERS
-registered nodes after its own in node-id order, wrapping around: a ring, so each node is watched
+registered nodes after its own on a ring ordered by a hash of the node ids: so each node is watched
 by that many others and the whole job sends PROBED_PEERS probes per node per interval, not one
 per pair of nodes (a million a second at 1,000 nodes). A node found dead has its lease revoked,
 which deletes its registration, so the leader publishes a round without it long before the lease
@@ -11,6 +11,7 @@ be probed at once (`remove_dead`), to tell a dead peer from a failure of its own
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -29,11 +30,17 @@ log = logging.getLogger(__name__)
 PROBED_PEERS = 2  # each node probes this many ring successors
 
 
+def _place(node_id: str) -> str:
+    """A node's place on the ring: a hash of its id, so that the nodes of one rack or host name
+    prefix (node ids start with the host name), which tend to fail together, are spread out."""
+    return hashlib.sha1(node_id.encode()).hexdigest()
+
+
 def ring_successors(node_ids: Iterable[str], me: str, count: int = PROBED_PEERS) -> List[str]:
-    """The `count` nodes after `me` in id order, wrapping around (fewer if the job is smaller)."""
-    others = sorted(nid for nid in set(node_ids) if nid != me)
-    start = bisect_right(others, me)
-    return [others[(start + i) % len(others)] for i in range(min(count, len(others)))]
+    """The `count` nodes after `me` on the ring, wrapping around (fewer if the job is smaller)."""
+    others = sorted((_place(nid), nid) for nid in set(node_ids) if nid != me)
+    start = bisect_right(others, (_place(me), me))
+    return [others[(start + i) % len(others)][1] for i in range(min(count, len(others)))]
 
 
 class PeerMonitor:
@@ -90,6 +97,7 @@ class PeerMonitor:
             if snap is None:
                 continue
             watched = ring_successors(snap.nodes, self._membership.node_id, self._probed_peers)
+            self._watch.retain(watched)  # misses of a node probed earlier do not carry over
             for info in self._others(snap, watched):
                 if self._stop.is_set():
                     return

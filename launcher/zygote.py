@@ -23,7 +23,7 @@ each worker towards the zygote (checked after asking, as a spawned worker does).
 """
 from __future__ import annotations
 
-import atexit
+import builtins
 import ctypes
 import errno
 import importlib
@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,26 @@ _PACKET = 1 << 20
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+# Variables read when the interpreter or the preloaded modules start: a worker whose values
+# differ from the zygote's is spawned as a new process (OMP_NUM_THREADS is applied in the fork).
+_IMPORT_TIME = ("PYTHON", "LD_", "MKL_", "KMP_", "GOMP_", "TORCH_")
+_NOT_IMPORT_TIME = {"PYTHONUNBUFFERED"}  # the fork is unbuffered anyway, as `-u`
+
+
+def _import_time_env(env: Mapping[str, str]) -> Dict[str, str]:
+    return {k: v for k, v in env.items()
+            if k.startswith(_IMPORT_TIME) and k not in _NOT_IMPORT_TIME}
+
+
+def _prctl():
+    """prctl, resolved before any fork (dlopen in a child forked from threads may deadlock)."""
+    fn = ctypes.CDLL(None, use_errno=True).prctl
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _die_with_parent(parent_pid: int, prctl) -> None:
     if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent_pid:
         os._exit(1)  # the parent died before the request took effect
 
@@ -61,7 +79,9 @@ def _die_with_parent(parent_pid: int) -> None:
 def parse_command(argv: Sequence[str]) -> Optional[Tuple[str, str, Tuple[str, ...]]]:
     """("script" | "module", target, args) for `python [-u] SCRIPT ...` or `python [-u] -m MOD
     ...` run by this interpreter; None for anything a fork cannot reproduce exactly."""
-    if len(argv) < 2 or os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
+    # Not realpath: a virtual environment's python links to its base interpreter, and another
+    # environment's must not be forked from this one.
+    if len(argv) < 2 or os.path.abspath(argv[0]) != os.path.abspath(sys.executable):
         return None
     rest = list(argv[1:])
     while rest and rest[0] == "-u":
@@ -117,7 +137,9 @@ class Zygote:
         self._cond = threading.Condition()
         self._workers: Dict[int, ZygoteWorker] = {}
         self._next_id = 0
-        self._pythonpath: Optional[str] = None
+        self._import_env: Dict[str, str] = {}
+        self._abandoned: set = set()  # requests given up on: a late fork is killed
+        self._killed: set = set()
         self._ready = threading.Event()  # the imports are done, or failed
         self.available = False
         self.why_not = "not started"
@@ -126,14 +148,14 @@ class Zygote:
         """Start the zygote; its imports go on in the background (`can_run` waits for them).
         Call it from a long-lived thread: PR_SET_PDEATHSIG follows the thread that forks."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        agent_pid = os.getpid()
-        self._pythonpath = os.environ.get("PYTHONPATH")
+        agent_pid, prctl = os.getpid(), _prctl()
+        self._import_env = _import_time_env(os.environ)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "launcher.zygote", str(theirs.fileno()), str(agent_pid),
                  ",".join(self.preload)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                preexec_fn=lambda: _die_with_parent(agent_pid), start_new_session=True)
+                preexec_fn=lambda: _die_with_parent(agent_pid, prctl), start_new_session=True)
         except OSError as exc:
             ours.close()
             self.why_not = f"cannot start: {exc}"
@@ -149,9 +171,13 @@ class Zygote:
                 wait: float = READY_TIMEOUT_S) -> bool:
         """Whether spawn() can fork this command (waiting for the zygote's imports at most
         `wait`: a worker spawned meanwhile would spend the same time importing)."""
-        if parse_command(argv) is None or env.get("PYTHONPATH") != self._pythonpath:
+        if parse_command(argv) is None or _import_time_env(env) != self._import_env:
             return False
-        self._ready.wait(wait)
+        if not self._ready.wait(wait):
+            log.warning("the zygote did not finish importing %s within %.0f s; workers are "
+                        "started as new processes", ",".join(self.preload), wait)
+            self.why_not = "its imports did not finish in time"
+            self.close()
         return self.available
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> ZygoteWorker:
@@ -177,13 +203,16 @@ class Zygote:
             os.close(out_r)
             os.close(err_r)
             raise OSError(errno.EAGAIN, f"the zygote could not fork: {reply.get('error')}")
-        worker = ZygoteWorker(reply["pid"], os.fdopen(out_r, "rb", buffering=0),
-                              os.fdopen(err_r, "rb", buffering=0))
+        worker = ZygoteWorker(reply["pid"], os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb"))
         with self._cond:
             early = self._replies.pop(-reply["pid"], None)  # exited before we got here
-            self._workers[worker.pid] = worker
+            gone = not self.available  # the zygote died since: so did this worker
+            if not gone:
+                self._workers[worker.pid] = worker
         if early is not None:
-            self._exited(early)
+            worker._exit(early["code"], early["time"])
+        elif gone:
+            worker._exit(-int(signal.SIGKILL), time.time())
         return worker
 
     def _reply(self, request_id: int) -> dict:
@@ -192,6 +221,7 @@ class Zygote:
             while request_id not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.available:
+                    self._abandoned.add(request_id)  # the caller spawns it another way
                     raise OSError(errno.ETIMEDOUT, "the zygote did not answer")
                 self._cond.wait(left)
             return self._replies.pop(request_id)
@@ -219,14 +249,25 @@ class Zygote:
             if "exited" in message:
                 with self._cond:
                     known = message["exited"] in self._workers
-                    if not known:  # its spawn() has not registered it yet
+                    if message["exited"] in self._killed:
+                        self._killed.discard(message["exited"])
+                    elif not known:  # its spawn() has not registered it yet
                         self._replies[-message["exited"]] = message
                 if known:
                     self._exited(message)
             else:
                 with self._cond:
-                    self._replies[message["id"]] = message
-                    self._cond.notify_all()
+                    late = message["id"] in self._abandoned
+                    self._abandoned.discard(message["id"])
+                    if not late:
+                        self._replies[message["id"]] = message
+                        self._cond.notify_all()
+                if late and "pid" in message:  # its worker was started another way meanwhile
+                    self._killed.add(message["pid"])
+                    try:
+                        os.kill(message["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         # The zygote is gone, and its workers with it (PR_SET_PDEATHSIG).
         with self._cond:
             self.available, self.why_not = False, "the zygote exited"
@@ -259,7 +300,8 @@ class Zygote:
 
 # -- the zygote's side -----------------------------------------------------------------------------
 def _serve(sock: socket.socket, agent_pid: int, preload: Sequence[str]) -> None:
-    _die_with_parent(agent_pid)
+    prctl = _prctl()
+    _die_with_parent(agent_pid, prctl)
     try:
         for name in preload:
             importlib.import_module(name)
@@ -301,10 +343,11 @@ def _serve(sock: socket.socket, agent_pid: int, preload: Sequence[str]) -> None:
                 continue
             if pid == 0:
                 try:
-                    _become_worker(request, fds, zygote_pid, keep=(sock, wake_r, wake_w))
+                    _become_worker(request, fds, zygote_pid, prctl, keep=(sock, wake_r, wake_w))
                 except BaseException:
                     traceback.print_exc()
-                os._exit(1)
+                    os._exit(1)
+                _run(request)  # raises SystemExit: the interpreter then exits as usual
             for fd in fds:
                 os.close(fd)
             sock.send(json.dumps({"id": request["id"], "pid": pid}).encode())
@@ -322,14 +365,15 @@ def _reap(sock: socket.socket) -> None:
                               "time": time.time()}).encode())
 
 
-def _become_worker(request: dict, fds: Sequence[int], zygote_pid: int, keep) -> None:
-    """In the forked child: turn into the worker the request describes, run it, exit."""
+def _become_worker(request: dict, fds: Sequence[int], zygote_pid: int, prctl, keep) -> None:
+    """In the forked child: the process state a new `python -u` worker would have."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()
-    _die_with_parent(zygote_pid)
+    _die_with_parent(zygote_pid, prctl)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds[0], 1)
@@ -342,56 +386,62 @@ def _become_worker(request: dict, fds: Sequence[int], zygote_pid: int, keep) -> 
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))  # torch read the zygote's value at import
     # As `python -u`: nothing waits in a buffer when the worker is killed.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
                                   errors="backslashreplace")
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+    # The zygote's own package must not shadow one of the worker's of the same name.
+    for name in [n for n in sys.modules if n == "launcher" or n.startswith("launcher.")]:
+        del sys.modules[name]
+
+
+def _run(request: dict) -> None:
+    """Run the worker's script or module in a fresh __main__ that stays for the rest of the
+    process (atexit handlers and threads may pickle what it defines); raise SystemExit with
+    its exit code, so that the interpreter exits as it would have: non-daemon threads and
+    executors joined, atexit run, files closed."""
     kind, target, args = parse_command(request["argv"])
-    code = 0
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
     try:
         if kind == "module":
             sys.argv = [target, *args]
             sys.path[0] = os.getcwd()
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
+            runpy._run_module_as_main(target, alter_argv=True)  # what `python -m` calls
         else:
             sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(os.path.realpath(target))
-            runpy.run_path(target, run_name="__main__")
-    except SystemExit as exc:
-        code = _exit_code(exc.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        code = 128 + int(signal.SIGINT)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    _finish(code)
+            main.__file__ = target
+            main.__cached__ = None
+            with io.open_code(target) as f:
+                code = compile(f.read(), target, "exec")
+            exec(code, main.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, _own_frames_dropped(exc.__traceback__))
+        if isinstance(exc, KeyboardInterrupt):  # exit as Python does: killed by SIGINT
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        raise SystemExit(1)
+    raise SystemExit(0)
 
 
-def _exit_code(value) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value & 0xFF
-    print(value, file=sys.stderr)
-    return 1
-
-
-def _finish(code: int) -> None:
-    """What the interpreter does at exit: join non-daemon threads, run atexit, flush."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+def _own_frames_dropped(tb):
+    """The traceback from the worker's first frame on, as `python script.py` would print it."""
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in ours:
+        tb = tb.tb_next
+    return tb
 
 
 def main() -> None:

@@ -21,9 +21,10 @@ Reading the job costs O(changes), not O(nodes): once `watch()` runs, the store k
 the job's keys (one read, then the watch's events applied in revision order) and `snapshot()`
 answers from memory. Three things make it read etcd again: this store wrote (read your own
 writes: one full read, by the writer only); the watch broke (until `rewatch()`); and every
-CONFIRM_S at rest, one small read of the round key, which notices an etcd out of reach or a
-silently stalled watch. So a membership change costs each agent no request but the ones it
-writes, instead of a full read of every node's registration by every node.
+CONFIRM_S at rest, two small reads (the round key; the number of registered nodes), which notice
+an etcd out of reach or a silently stalled watch, the leader's too. So a membership change costs
+each agent no request but the ones it writes, instead of a full read of every node's
+registration by every node.
 
 `JobStore` is what the agent and membership need; `EtcdStore` implements it (contract tests
 against a real etcd in tests/integration/test_store.py). Every client-library error becomes a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,10 +47,12 @@ from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousConnectionEr
 from .connect import EtcdSecurity, connect, describe, is_auth_error, renew_token
 from .decision import FailureReport
 
+log = logging.getLogger(__name__)
+
 PREFIX = "/elastic"
 EVENTS_PREFIX = "/elastic-events"
 EVENTS_KEPT = 200  # per node
-CONFIRM_S = 2.0  # at rest, a mirrored snapshot is checked against etcd this often
+CONFIRM_S = 2.0  # at rest, a mirrored snapshot is checked against etcd this often (2 reads)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,12 @@ def _writes(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         self._dirty = True
-        return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            # Again once it is done: a read on another thread may have cleared the flag in
+            # between, without seeing this write.
+            self._dirty = True
     return wrapper
 
 
@@ -231,6 +240,9 @@ class _Mirror:
     def round_revision(self) -> int:
         entry = self._entries.get(self._root + "round")
         return entry[2] if entry else 0
+
+    def node_count(self) -> int:
+        return sum(1 for rel, _, _ in self._entries.values() if rel[0] == "nodes")
 
     def snapshot(self) -> Snapshot:
         if self._built is None:
@@ -469,10 +481,15 @@ class EtcdStore:
                 if time.monotonic() - self._confirmed_at < CONFIRM_S:
                     return mirror.snapshot()
         if mirror is not None and not dirty:
-            response = self._client.get_response(self._key("round"))
-            found = response.kvs[0].mod_revision if response.kvs else 0
+            # The round (changed by the leader) and the number of nodes (which the leader
+            # itself watches for): two small reads that a stalled watch cannot pass.
+            rounds = self._client.get_response(self._key("round")).kvs
+            nodes = self._client.get_prefix_response(self._key("nodes", ""),
+                                                     count_only=True).count
+            found = rounds[0].mod_revision if rounds else 0
             with self._mirror_lock:
-                if self._mirror is mirror and mirror.round_revision() == found:
+                if (self._mirror is mirror and mirror.round_revision() == found
+                        and mirror.node_count() == nodes):
                     self._confirmed_at = time.monotonic()
                     return mirror.snapshot()
         return self._read()
@@ -505,7 +522,12 @@ class EtcdStore:
             with self._mirror_lock:
                 # The mirror in use, maybe started over by _read(): its revision skips the rest.
                 current = self._mirror
-                changed = current.apply(events) if current is not None else bool(events)
+                try:
+                    changed = current.apply(events) if current is not None else bool(events)
+                except Exception:  # a record it cannot parse: read etcd, and fail there
+                    log.exception("job %s: a watched change could not be applied; reading "
+                                  "etcd from now on", self.run_id)
+                    self._mirror, changed = None, True
             if changed:
                 callback()
 

@@ -123,3 +123,48 @@ def test_a_zygote_that_cannot_import_is_skipped_with_a_warning(agent_factory):
     assert "no zygote (import of no_such_module_here failed" in agent.output()
     agent_factory.stop_file.touch()
     assert agent.wait(60) == 0
+
+
+def test_a_forked_worker_exits_as_a_new_process_does(zygote, tmp_path):
+    """Executors and unclosed files at exit, pickling of its own classes from atexit, SIGPIPE,
+    OMP_NUM_THREADS: what a fork could get wrong and a new process does not."""
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "import atexit, concurrent.futures, pickle, signal\n"
+        "class Point:\n"
+        "    pass\n"
+        "pool = concurrent.futures.ThreadPoolExecutor(2)\n"
+        "print('SUM', pool.submit(sum, [1, 2]).result())\n"
+        "unclosed = open('unclosed.txt', 'w')\n"
+        "unclosed.write('kept')\n"
+        "atexit.register(lambda: print('PICKLED', len(pickle.dumps(Point())) > 0))\n"
+        "print('SIGPIPE', signal.getsignal(signal.SIGPIPE))\n")
+    argv = [sys.executable, "-u", str(script)]
+    plain = subprocess.run(argv, cwd=tmp_path, capture_output=True, timeout=60)
+    (tmp_path / "unclosed.txt").unlink()
+    worker = zygote.spawn(argv, dict(os.environ), str(tmp_path))
+    out, err = worker.stdout.read(), worker.stderr.read()
+    assert (worker.wait(30), out, err) == (plain.returncode, plain.stdout, plain.stderr)
+    assert b"SUM 3" in out and b"PICKLED True" in out and b"SIGPIPE 1" in out  # SIG_IGN
+    assert (tmp_path / "unclosed.txt").read_text() == "kept"
+
+
+def test_torch_in_a_forked_worker_takes_the_workers_thread_count(tmp_path):
+    """torch read OMP_NUM_THREADS when the zygote imported it; the worker's value must win,
+    or every worker of a node would use every core."""
+    script = tmp_path / "threads.py"
+    script.write_text("import torch\nprint('THREADS', torch.get_num_threads())\n")
+    argv = [sys.executable, "-u", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run(argv, env=env, capture_output=True, timeout=120)
+    z = Zygote(preload=("torch",))
+    z.start()
+    try:
+        assert z.can_run(argv, env)
+        worker = z.spawn(argv, env, str(tmp_path))
+        assert worker.stdout.read() == plain.stdout == b"THREADS 1\n"
+        assert worker.wait(30) == 0
+        # A variable read at interpreter start that differs from the zygote's: not forked.
+        assert not z.can_run(argv, {**env, "PYTHONHASHSEED": "7"})
+    finally:
+        z.close()

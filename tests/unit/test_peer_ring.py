@@ -17,11 +17,18 @@ def test_every_node_is_watched_by_as_many_peers_as_each_probes(n):
 
 
 def test_the_ring_closes_over_dead_neighbours():
-    ids = ["a", "b", "c", "d", "e", "f"]
-    assert ring_successors(ids, "b") == ["c", "d"]
-    assert ring_successors(ids, "f") == ["a", "b"]  # wraps around
-    # c and d died together and are removed: b now watches e, which it never probed before.
-    alive = [n for n in ids if n not in ("c", "d")]
-    assert ring_successors(alive, "b") == ["e", "f"]
+    ids = [f"rack1-host{i}" for i in range(8)]
+    first, second, third, fourth = ring_successors(ids, ids[0], count=4)
+    # The two it watches die and are removed: it now watches the next two, never probed before.
+    alive = [n for n in ids if n not in (first, second)]
+    assert ring_successors(alive, ids[0]) == [third, fourth]
     # A node not yet in the registration list still gets its place in the ring.
-    assert ring_successors(alive, "bb") == ["e", "f"]
+    assert len(ring_successors(alive, "newcomer")) == 2
+
+
+def test_neighbours_by_name_are_not_neighbours_on_the_ring():
+    """Host names of one rack sort together; the ring is ordered by a hash, so a dead rack's
+    nodes are watched by nodes elsewhere, not only by each other."""
+    ids = [f"rack{r}-host{h:02d}" for r in range(4) for h in range(16)]
+    same_rack = sum(ring_successors(ids, me)[0].split("-")[0] == me.split("-")[0] for me in ids)
+    assert same_rack < len(ids) / 2  # by name order it would be 60 of 64
