@@ -3,7 +3,8 @@
 N agents against one real etcd (embedded, on loopback). Each agent is what the launcher runs for
 a node, minus its workers: its own etcd connection (`EtcdStore`), a real `Membership` (lease,
 keep-alive, leadership, the leader's decisions), a real `PeerMonitor` probing real health
-endpoints, and a loop that steps on every watch event or every 0.1 s, as the agent's does. A
+endpoints, and a loop that steps on every watch event, as the agent's does (and once a second:
+the agent's 0.1 s poll is for its workers, which these agents do not have). A
 machine cannot hold 1,000 Python processes, so agents share host processes (--per-process of them,
 each in its own threads); the agent that is killed runs alone in its process, so its SIGKILL is
 a real one (its connections drop, its health port refuses).
@@ -27,7 +28,7 @@ The machine: 2 cores for all N agents, etcd and this script. At large N the time
 about this machine's CPU than about the design; the per-agent rates do not depend on it.
 
     python benchmarks/rendezvous_scale.py [--sizes 10,100,500,1000] [--reps 1] [--rest 10]
-                                          [--per-process 50] [--before-max 100] [--timeout 300]
+                                          [--per-process 25] [--before-max 100] [--timeout 300]
 """
 
 import argparse
@@ -48,6 +49,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SCHEMES = ("now", "before")
+# The agent's loop also wakes every 0.1 s to look at its workers; these agents have none, so
+# they step on every watch event (as the agent does) and otherwise once a second.
+LOOP_S = 1.0
 
 
 # -- a host process: several agents -------------------------------------------------------------
@@ -149,7 +153,7 @@ def host_main(args) -> None:
                     held = (rnd.number, len(rnd.members))
                     say(agent=node_id, event="round", number=rnd.number,
                         size=len(rnd.members), t=time.time())
-                timeout = 0.1
+                timeout = LOOP_S
                 if wake_at is not None:
                     timeout = max(0.0, min(timeout, wake_at - time.time()))
                 self.wake.wait(timeout)
@@ -336,7 +340,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,500,1000")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--rest", type=float, default=10.0)
-    parser.add_argument("--per-process", type=int, default=50)
+    parser.add_argument("--per-process", type=int, default=25)
     parser.add_argument("--before-max", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=300.0)
     # a host process

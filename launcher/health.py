@@ -9,6 +9,7 @@ busy or partitioned host looks the same for a moment.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,8 +23,19 @@ class HealthServer:
 
     def __init__(self, host: str, node_id: str):
         identity = json.dumps({"node_id": node_id}).encode()
+        open_connections = self._connections = set()
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # peers keep their probing connection open
+
+            def setup(self):
+                super().setup()
+                open_connections.add(self.connection)
+
+            def finish(self):
+                open_connections.discard(self.connection)
+                super().finish()
+
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 self.send_response(200 if self.path == "/health" else 404)
                 self.send_header("Content-Type", "application/json")
@@ -46,8 +58,14 @@ class HealthServer:
         return f"{host}:{port}"
 
     def close(self) -> None:
+        """Stop answering, kept connections included: peers then find this node gone."""
         self._server.shutdown()
         self._server.server_close()
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class PeerWatch:

@@ -19,7 +19,7 @@ from bisect import bisect_right
 from typing import Callable, Iterable, List, Optional
 
 from rendezvous.api import NodeInfo, RendezvousConnectionError
-from rendezvous.liveness import ALIVE, DEAD, probe
+from rendezvous.liveness import ALIVE, DEAD, Prober, probe
 from rendezvous.membership import Membership
 from rendezvous.store import Snapshot
 
@@ -51,6 +51,7 @@ class PeerMonitor:
         self._probed_peers = probed_peers
         self._wake = wake
         self._watch = PeerWatch()
+        self._prober = Prober()  # only the probing thread uses it
         self._stop = threading.Event()
         self._snapshot: Optional[Snapshot] = None
         self._thread = threading.Thread(target=self._loop, name="peer-probe", daemon=True)
@@ -98,12 +99,14 @@ class PeerMonitor:
                 continue
             watched = ring_successors(snap.nodes, self._membership.node_id, self._probed_peers)
             self._watch.retain(watched)  # misses of a node probed earlier do not carry over
+            self._prober.retain(watched)
             for info in self._others(snap, watched):
                 if self._stop.is_set():
-                    return
-                result = probe(info.health_addr, info.node_id)
+                    break
+                result = self._prober.probe(info.health_addr, info.node_id)
                 if self._watch.record(info.node_id, result):
                     self._remove(info)
                     self._wake()
                 elif result != ALIVE:
                     log.info("node %s did not answer its health probe (%s)", info.node_id, result)
+        self._prober.close()

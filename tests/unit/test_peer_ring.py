@@ -32,3 +32,22 @@ def test_neighbours_by_name_are_not_neighbours_on_the_ring():
     ids = [f"rack{r}-host{h:02d}" for r in range(4) for h in range(16)]
     same_rack = sum(ring_successors(ids, me)[0].split("-")[0] == me.split("-")[0] for me in ids)
     assert same_rack < len(ids) / 2  # by name order it would be 60 of 64
+
+
+def test_a_kept_probe_connection_still_tells_a_dead_agent_from_a_live_one():
+    """One connection per peer stays open between probes; when the agent behind it dies, the
+    next probe says so (its port refuses) rather than reporting a broken connection."""
+    from launcher.health import HealthServer
+    from rendezvous.liveness import ALIVE, DEAD, Prober
+
+    server = HealthServer("127.0.0.1", "node-a")
+    prober = Prober(timeout=2.0)
+    try:
+        assert [prober.probe(server.addr, "node-a") for _ in range(3)] == [ALIVE] * 3
+        assert prober.probe(server.addr, "node-b") == DEAD  # someone else on that port
+        (kept,) = prober._kept.values()
+        assert kept[1].sock is not None  # the live peer's connection is still open
+    finally:
+        server.close()
+    assert prober.probe(server.addr, "node-a") == DEAD
+    prober.close()
