@@ -3,8 +3,7 @@
 N agents against one real etcd (embedded, on loopback). Each agent is what the launcher runs for
 a node, minus its workers: its own etcd connection (`EtcdStore`), a real `Membership` (lease,
 keep-alive, leadership, the leader's decisions), a real `PeerMonitor` probing real health
-endpoints, and a loop that steps on every watch event, as the agent's does (and once a second:
-the agent's 0.1 s poll is for its workers, which these agents do not have). A
+endpoints, and a loop that steps on every watch event, as the agent's does, and every LOOP_S. A
 machine cannot hold 1,000 Python processes, so agents share host processes (--per-process of them,
 each in its own threads); the agent that is killed runs alone in its process, so its SIGKILL is
 a real one (its connections drop, its health port refuses).
@@ -49,9 +48,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SCHEMES = ("now", "before")
-# The agent's loop also wakes every 0.1 s to look at its workers; these agents have none, so
-# they step on every watch event (as the agent does) and otherwise once a second.
-LOOP_S = 1.0
+# How often an agent's loop steps without a watch event. The agent's loop wakes every 0.1 s for
+# its workers; the previous design read the whole job on each of those passes, so "before" keeps
+# 0.1 s. With the mirror a pass reads nothing, and these agents have no workers: once a second
+# saves this machine's two cores for the thousand agents.
+LOOP_S = {"now": 1.0, "before": 0.1}
 
 
 # -- a host process: several agents -------------------------------------------------------------
@@ -80,13 +81,19 @@ def host_main(args) -> None:
         with count_lock:
             counts[what] += 1
 
-    real_probe = peers.probe
+    import rendezvous.liveness as liveness
+    real_probe, real_kept_probe = peers.probe, liveness.Prober.probe
 
     def counted_probe(*a, **k):
         bump("probes")
         return real_probe(*a, **k)
 
-    peers.probe = counted_probe
+    def counted_kept_probe(self, *a, **k):
+        bump("probes")
+        return real_kept_probe(self, *a, **k)
+
+    peers.probe = counted_probe  # probes after a collective error
+    liveness.Prober.probe = counted_kept_probe  # the prober's own, each interval
 
     class Counting:
         """The client of one store, counting requests (the watch's stream is opened once)."""
@@ -153,7 +160,7 @@ def host_main(args) -> None:
                     held = (rnd.number, len(rnd.members))
                     say(agent=node_id, event="round", number=rnd.number,
                         size=len(rnd.members), t=time.time())
-                timeout = LOOP_S
+                timeout = LOOP_S[args.scheme]
                 if wake_at is not None:
                     timeout = max(0.0, min(timeout, wake_at - time.time()))
                 self.wake.wait(timeout)
