@@ -30,7 +30,9 @@ Measured here (2 cores, CPU only; `--sizes 100,500,1000 --before-max 100 --rest 
 300`, one repetition; N=10 from `--sizes 10 --rest 10`):
 
       N scheme    form s   kill s  etcd req/agent/s  probes/agent/s
-     10 now         0.05     1.01              0.76            2.00
+     10 now         0.05     1.01              0.76            2.00   (before the random phase,
+                                                                     the kept connections and
+                                                                     the node-count read)
      10 before      0.08     0.13              9.65            8.55
     100 now         0.01     0.36              1.26            1.95
     100 before      0.92     3.49              2.38            5.78   (CPU-bound: its 0.1 s passes
