@@ -38,6 +38,12 @@ TRACEBACK_MAX_LINES = 50
 TRACEBACK_HEADER = "Traceback (most recent call last):"
 # A grandchild that escaped our kill could hold a worker's pipe open; never wait on it for long.
 READER_JOIN_TIMEOUT_S = 2.0
+# When one rank fails, how long its still-running peers may take to fail too before the root
+# cause is picked: a rank that raised may still be finalizing while the peer it cut off in a
+# collective has already exited. Peers hung in a collective cost the restart this much.
+ROOT_CAUSE_WAIT_S = 0.5
+# A traceback printed at most this long before the exit is the failure: it is timed when printed.
+TRACEBACK_BEFORE_EXIT_S = 10.0
 STOP_POLL_INTERVAL_S = 0.05
 KILL_WAIT_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -122,7 +128,7 @@ class WorkerFailure:
     local_rank: int
     pid: int
     exitcode: int
-    time: float  # when the process exited
+    time: float  # when it failed: its last traceback was printed, else when it exited
     traceback: str
     message: str = ""  # the exception ("ValueError: boom"), from the error file or the traceback
 
@@ -258,6 +264,7 @@ class _Worker:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.readers: list[threading.Thread] = []
         self.exited_at: Optional[float] = None
+        self.traceback_at: Optional[float] = None  # when its stderr last began a traceback
         threading.Thread(target=self._watch_exit, name=f"exit-{proc.pid}", daemon=True).start()
 
     def _watch_exit(self) -> None:
@@ -281,6 +288,8 @@ class _Worker:
                 line = TORCH_RANK_PREFIX.sub("", text) + "\n"
                 if console == "stderr":
                     self.stderr_tail.append(line[:-1])
+                    if line.startswith(TRACEBACK_HEADER):
+                        self.traceback_at = time.time()
                 with self.log_lock:
                     if self.log is not None:
                         self.log.write(line)
@@ -293,6 +302,15 @@ class _Worker:
                             stream.flush()
                         except (OSError, ValueError):  # console gone; keep draining the pipe
                             echo = False
+
+    def failed_at(self) -> float:
+        """When it failed: a rank that raised failed when the traceback came out, before its
+        interpreter finalized (a peer it cut off may exit first); else when it exited."""
+        exited = self.exited_at or time.time()
+        printed = self.traceback_at
+        if printed is not None and 0 <= exited - printed <= TRACEBACK_BEFORE_EXIT_S:
+            return printed
+        return exited
 
     def close_log(self) -> None:
         with self.log_lock:
@@ -338,6 +356,7 @@ class WorkerGroup:
         self.spec = spec
         self._workers: list[_Worker] = []
         self._failure: Optional[WorkerFailure] = None
+        self._failure_seen: Optional[float] = None  # monotonic time a failed worker was seen
         self._scratch: Optional[str] = None  # the workers' error files; removed by close()
         self.started_at = 0.0  # when start() last spawned the workers
 
@@ -440,8 +459,15 @@ class WorkerGroup:
         if self._failure is None:
             failed = [(w, c) for w, c in zip(self._workers, codes) if c is not None and c != 0]
             if failed:
-                # The root cause is the rank that died first; its peers fail after it.
-                worker, code = min(failed, key=lambda wc: wc[0].exited_at or time.time())
+                now = time.monotonic()
+                if self._failure_seen is None:
+                    self._failure_seen = now
+                if any(c is None for c in codes) and now < self._failure_seen + ROOT_CAUSE_WAIT_S:
+                    return GroupState("running")  # the others may be failing too: wait a little
+                for w, _ in failed:  # their tracebacks are read to the end before comparing
+                    w.readers[1].join(ROOT_CAUSE_WAIT_S)
+                # The root cause is the rank that failed first; its peers fail after it.
+                worker, code = min(failed, key=lambda wc: wc[0].failed_at())
                 self._failure = self._failure_of(worker, code)
         if self._failure is not None:
             return GroupState("failed", self._failure)
@@ -455,20 +481,20 @@ class WorkerGroup:
     def _failure_of(self, worker: _Worker, code: int) -> WorkerFailure:
         """The failure of one worker: what it wrote to its error file (torch's @record), else
         the last traceback in its stderr."""
-        exited = worker.exited_at or time.time()
         worker.readers[1].join(READER_JOIN_TIMEOUT_S)  # the stderr reader: the traceback is last
         message, tb = read_error_file(worker.error_file) if worker.error_file else ("", "")
         if not tb:
             tb = _last_traceback(worker.stderr_tail)
         return WorkerFailure(
             rank=worker.rank, local_rank=worker.local_rank, pid=worker.proc.pid, exitcode=code,
-            time=exited, traceback=tb, message=message or exception_line(tb),
+            time=worker.failed_at(), traceback=tb, message=message or exception_line(tb),
         )
 
     def stop(self, sig: int = signal.SIGTERM, grace_period_s: Optional[float] = None) -> None:
         """Send sig to every worker's process group, SIGKILL what is left after the grace period
         (descendants that left the group included), reap, and close the logs. Idempotent."""
         workers, self._workers, self._failure = self._workers, [], None
+        self._failure_seen = None
         if not workers:
             return
         grace = self.spec.grace_period_s if grace_period_s is None else grace_period_s

@@ -319,3 +319,25 @@ def test_the_rank_that_died_first_is_the_cause_even_if_a_lower_rank_died_too(tmp
 
     failure = wait_for_status(group, "failed").failure
     assert failure.rank == 1 and failure.message == "ValueError: the real cause"
+
+
+def test_a_rank_that_raised_is_the_cause_though_its_peer_exits_while_it_finalizes(tmp_path,
+                                                                                   groups):
+    cut = tmp_path / "cut"
+    argv = script(tmp_path, "slow_exit.py", f"""
+        import atexit, os, pathlib, time
+        cut = pathlib.Path({str(cut)!r})
+        if os.environ["RANK"] == "0":
+            # After its traceback is printed: it cuts its peer off, then takes a while to exit.
+            atexit.register(lambda: (cut.touch(), time.sleep(0.3)))
+            raise ValueError("the real cause")
+        while not cut.exists():
+            time.sleep(0.01)
+        raise RuntimeError("Connection closed by peer")
+    """)
+    group = WorkerGroup(WorkerSpec(argv=argv, nproc=2, echo=False))
+    groups.append(group)
+    group.start(assignment())
+
+    failure = wait_for_status(group, "failed").failure  # polled as the agent does, from the start
+    assert failure.rank == 0 and failure.message == "ValueError: the real cause"
