@@ -234,7 +234,8 @@ class Run:
         if change is None:
             raise Failed(f"the step at world={new} seen earlier is no longer in the logs")
         out = Outcome(seconds=change.first.time - t0, detail=note, recomputed=change.recomputed,
-                      same_pid=change.same_pid)
+                      same_pid=change.same_pid,
+                      paused=change.first.time - change.last_old.time if change.last_old else None)
         if self.launcher == "torchrun":
             return out
         if new > old and joined_agent:
@@ -415,10 +416,11 @@ def main() -> None:
             print(f"rep {rep}/{args.reps} {name}: " + "; ".join(
                 f"{k} " + (" ".join(c for c in v.cells() if c) + (f" ({v.detail})" if v.detail else ""))
                 for k, v in outcome.items()), flush=True)
-    report(results, args.reps, args.timeout)
-    if args.horovod:
+    horovodrun_up = None
+    if args.horovod:  # first its report, then ours, whose targets take horovodrun's scale-up
         import rescale_horovod
-        rescale_horovod.run(args.reps, args.timeout, log_root / "horovod")
+        horovodrun_up = rescale_horovod.run(args.reps, args.timeout, log_root / "horovod")
+    report(results, args.reps, args.timeout, horovodrun_up)
 
 
 if __name__ == "__main__":

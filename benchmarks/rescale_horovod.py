@@ -39,9 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import psutil
 
@@ -64,11 +63,6 @@ SCENARIOS = {
     "scale-up": "(a) scale-up 1 -> 2 nodes: B appears -> first step at world=2",
     "scale-down": "(b) SIGKILL scale-down 2 -> 1 nodes: B killed -> first step at world=1",
 }
-
-
-@dataclass(frozen=True)
-class Change(Outcome):
-    paused: Optional[float] = None  # rank 0: last step in the old world -> first in the new
 
 
 class NoResult(Exception):
@@ -185,7 +179,7 @@ class Run:
                      if '"joined"' in line] if events.exists() else []
             joined = change.first.time - times[0] if times else None
         paused = change.first.time - change.last_old.time if change.last_old else None
-        return Change(seconds=change.first.time - t0, recomputed=change.recomputed,
+        return Outcome(seconds=change.first.time - t0, recomputed=change.recomputed,
                       same_pid=change.same_pid, from_joined=joined, paused=paused)
 
     def measure(self) -> Dict[str, Outcome]:
@@ -214,13 +208,14 @@ def cells(o: Outcome) -> List[str]:
     if o.seconds is None:
         return [o.kind.upper(), "", "", "", ""]
     joined = f"{o.from_joined:.2f} s" if o.from_joined is not None else "-"
-    paused = getattr(o, "paused", None)
+    paused = o.paused
     pid = {None: "?", True: "same", False: "new"}[o.same_pid]
     return [f"{o.seconds:.2f} s", joined, "?" if paused is None else f"{paused:.2f} s",
             "?" if o.recomputed is None else str(o.recomputed), pid]
 
 
-def report(results: Dict[str, List[Dict[str, Outcome]]], reps: int, timeout: float) -> None:
+def report(results: Dict[str, List[Dict[str, Outcome]]], reps: int, timeout: float) -> Median:
+    """Print the tables and the summary; return horovodrun's scale-up median."""
     print(f"\nHorovod workers. Machine: {machine()}; horovod {_horovod_version()}.\n{reps} "
           f"repetition(s), launchers alternated in each, each wait bounded at {timeout:g} s.")
     summary = []
@@ -252,6 +247,7 @@ def report(results: Dict[str, List[Dict[str, Outcome]]], reps: int, timeout: flo
                            f"{paused['horovodrun']} ({shown_paused})")
     print(f"\nHOROVOD SUMMARY ({os.cpu_count()} cores, CPU only, median of {reps} reps) "
           + "; ".join(summary))
+    return Median.of([r["scale-up"] for r in results["horovodrun"]])
 
 
 def _horovod_version() -> str:
@@ -262,8 +258,8 @@ def _horovod_version() -> str:
         return "not installed"
 
 
-def run(reps: int, timeout: float, log_root: Path) -> None:
-    """Measure both launchers, alternating, and print the report."""
+def run(reps: int, timeout: float, log_root: Path) -> Median:
+    """Measure both launchers, alternating, print the report, return horovodrun's scale-up."""
     from rendezvous.embedded import EmbeddedEtcd
 
     results: Dict[str, List[Dict[str, Outcome]]] = {name: [] for name in LAUNCHERS}
@@ -276,7 +272,7 @@ def run(reps: int, timeout: float, log_root: Path) -> None:
                 print(f"rep {rep}/{reps} {name}: " + "; ".join(
                     f"{k} " + " ".join(c for c in cells(v) if c) + (f" ({v.detail})" if v.detail else "")
                     for k, v in outcome.items()), flush=True)
-    report(results, reps, timeout)
+    return report(results, reps, timeout)
 
 
 def main() -> None:

@@ -40,8 +40,9 @@ from typing import Optional
 
 NUM_SAMPLES, NUM_FEATURES = 4096, 16
 BASE = "ours-inplace"  # the launcher the ratios are taken against
-TARGET_UP_FROM_JOIN_S = 2.87 / 5  # a fifth of horovodrun elastic's 2.87 s on this machine
+TARGET_UP_FRACTION = 5  # scale-up from registration at most a fifth of horovodrun's, same run
 TARGET_KILL_S = 1.0
+TARGET_RESTART_S = 1.5  # restart mode (zygote): SIGKILL, and scale-up from registration
 TARGET_RESTART_RATIO = 4.0  # in place at most a quarter of restart mode's time
 TARGET_CONTROL_S = 0.3  # resize up from a hot spare, and release: call -> first step
 SCENARIOS = {
@@ -130,6 +131,7 @@ class Outcome:
     detail: str = ""
     waited: float = 0.0  # for a hang or failure: how long the new world was waited for
     from_joined: Optional[float] = None  # scale-up, ours: B's `joined` event -> first new step
+    paused: Optional[float] = None  # rank 0: its last step in the old world -> first in the new
     recomputed: Optional[int] = None
     same_pid: Optional[bool] = None
     launcher_says: str = ""  # the surviving agent's `rescale` event: duration_s, in place or not
@@ -141,11 +143,12 @@ class Outcome:
 
     def cells(self) -> list[str]:
         if self.seconds is None:
-            return [self.kind.upper(), "", "", "", ""]
+            return [self.kind.upper(), "", "", "", "", ""]
         pid = {None: "?", True: "same", False: "new"}[self.same_pid]
         joined = f"{self.from_joined:.2f} s" if self.from_joined is not None else "-"
+        paused = "?" if self.paused is None else f"{self.paused:.2f} s"
         recomputed = "?" if self.recomputed is None else str(self.recomputed)
-        return [f"{self.seconds:.2f} s", joined, recomputed, pid, self.launcher_says or "-"]
+        return [f"{self.seconds:.2f} s", joined, paused, recomputed, pid, self.launcher_says or "-"]
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,10 @@ def verdict(ok: Optional[bool]) -> str:
     return {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[ok]
 
 
-def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float) -> None:
+def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: float,
+           horovodrun_up: Optional[Median] = None) -> None:
+    """Print the tables and the summary; horovodrun_up is horovodrun's scale-up median (a node
+    appears -> first step at world=2) when the same run measured it (--horovod)."""
     launchers = list(results)
     print(f"\nMachine: {machine()}.\n{reps} repetition(s), launchers alternated in each, "
           f"each wait bounded at {timeout:g} s.")
@@ -202,9 +208,9 @@ def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: flo
     for scenario, title in SCENARIOS.items():
         outcomes = {name: [rep[scenario] for rep in results[name]] for name in launchers}
         print(f"\n{title}")
-        header = ["rep", "launcher", "to first step", "from joined", "recomputed", "rank-0 pid",
-                  "launcher's duration_s"]
-        widths = [7, 14, 15, 13, 12, 12, 24]
+        header = ["rep", "launcher", "to first step", "from joined", "paused", "recomputed",
+                  "rank-0 pid", "launcher's duration_s"]
+        widths = [7, 20, 15, 13, 10, 12, 12, 24]
         row = lambda cells: " ".join(f"{c:<{w - 1}}" for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         print(row(header))
         for rep in range(reps):
@@ -212,12 +218,13 @@ def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: flo
                 o = outcomes[name][rep]
                 print(row([str(rep + 1), name, *o.cells()]) + (f"  ({o.detail})" if o.detail else ""))
         for name in launchers:
-            for figure in ("seconds", "from_joined", "recomputed"):
+            for figure in ("seconds", "from_joined", "paused", "recomputed"):
                 medians[scenario, name, figure] = Median.of(outcomes[name], figure)
             rec = medians[scenario, name, "recomputed"].seconds
             print(row(["median", name, str(medians[scenario, name, "seconds"]),
                        str(medians[scenario, name, "from_joined"]) if name != "torchrun" and scenario == "scale-up"
-                       else "-", "n/a" if rec is None else f"{rec:g}"]))
+                       else "-", str(medians[scenario, name, "paused"]),
+                       "n/a" if rec is None else f"{rec:g}"]))
         if BASE in launchers:
             for name in (n for n in launchers if n != BASE):
                 line = f"ratio {name}/{BASE}: {ratio(medians[scenario, BASE, 'seconds'], medians[scenario, name, 'seconds'])[1]}"
@@ -225,12 +232,13 @@ def report(results: dict[str, list[dict[str, Outcome]]], reps: int, timeout: flo
                     line += (" (from joined: " + ratio(medians[scenario, BASE, "from_joined"],
                                                        medians[scenario, name, "from_joined"])[1] + ")")
                 print(line)
-    print_summary(launchers, medians, reps)
+    print_summary(launchers, medians, reps, horovodrun_up)
 
 
-def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
-    def med(scenario: str, figure: str = "seconds") -> Optional[float]:
-        return medians[scenario, BASE, figure].seconds if BASE in launchers else None
+def print_summary(launchers: list[str], medians: dict, reps: int,
+                  horovodrun_up: Optional[Median]) -> None:
+    def med(scenario: str, figure: str = "seconds", name: str = BASE) -> Optional[float]:
+        return medians[scenario, name, figure].seconds if name in launchers else None
 
     def versus_restart(scenario: str, figure: str) -> str:
         if BASE not in launchers or "ours-restart" not in launchers:
@@ -245,6 +253,11 @@ def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
              for scenario, label in (("scale-up", "scale-up B start->step@2"), ("scale-down", "SIGKILL->step@1"))]
     parts.append("scale-up joined->step@2: " + ", ".join(
         f"{n} {medians['scale-up', n, 'from_joined']}" for n in launchers if n != "torchrun"))
+    parts += [f"rank 0 paused {label}: " + ", ".join(f"{n} {medians[scenario, n, 'paused']}"
+                                                      for n in launchers)
+              for scenario, label in (("scale-up", "up"), ("scale-down", "down"))]
+    if horovodrun_up is not None:
+        parts.append(f"horovodrun scale-up (a host appears->step@2) in this run {horovodrun_up}")
     parts.append("steps recomputed up/down: " + ", ".join(
         f"{n} {count(medians['scale-up', n, 'recomputed'].seconds)}/"
         f"{count(medians['scale-down', n, 'recomputed'].seconds)}" for n in launchers))
@@ -254,10 +267,19 @@ def print_summary(launchers: list[str], medians: dict, reps: int) -> None:
                                       ("release", "release->step@1"))]
     up_join, kill = med("scale-up", "from_joined"), med("scale-down")
     spare, release = med("resize-up"), med("release")
+    anchor = horovodrun_up.seconds if horovodrun_up is not None else None
+    restart_up = med("scale-up", "from_joined", "ours-restart")
+    restart_kill = med("scale-down", "seconds", "ours-restart")
     targets = [
-        f"scale-up from registration <= {TARGET_UP_FROM_JOIN_S:.3f} s "
-        f"{verdict(None if up_join is None else up_join <= TARGET_UP_FROM_JOIN_S)}",
+        (f"scale-up from registration <= 1/{TARGET_UP_FRACTION} of horovodrun's "
+         + (f"{anchor / TARGET_UP_FRACTION:.3f} s "
+            f"{verdict(None if up_join is None else up_join <= anchor / TARGET_UP_FRACTION)}"
+            if anchor is not None else "NOT MEASURED (run with --horovod)")),
         f"SIGKILL <= {TARGET_KILL_S:g} s {verdict(None if kill is None else kill <= TARGET_KILL_S)}",
+        f"restart mode: SIGKILL <= {TARGET_RESTART_S:g} s "
+        f"{verdict(None if restart_kill is None else restart_kill <= TARGET_RESTART_S)}, "
+        f"scale-up from registration <= {TARGET_RESTART_S:g} s "
+        f"{verdict(None if restart_up is None else restart_up <= TARGET_RESTART_S)}",
         f"in-place <= 1/4 of restart: scale-up from registration {versus_restart('scale-up', 'from_joined')}, "
         f"scale-up from B's start {versus_restart('scale-up', 'seconds')}, "
         f"SIGKILL {versus_restart('scale-down', 'seconds')}",
