@@ -120,6 +120,8 @@ class ElasticAgent:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.notices.start()  # a notice during pre-warming means: never join
+            # Watching first: the job is read once, and every later read is the watch's mirror.
+            self.store.watch(self._wake.set)
             prewarmed = d.should_prewarm(self.backend.traits, self.store.snapshot().in_place)
             if prewarmed:
                 self._prewarm()
@@ -127,7 +129,6 @@ class ElasticAgent:
                 return 128 + self._signal if self._signal else 0
             self.membership.join()
             self.events.emit(Joined(cause="prewarmed" if prewarmed else "start"))
-            self.store.watch(self._wake.set)
             self.peers.start()
             return self._loop()
         finally:

@@ -67,8 +67,7 @@ class Membership:
         Raises:
             JobMismatchError: the job runs with other job-wide settings (`agreed`) than ours.
         """
-        snap = self.store.snapshot()
-        if snap.spec is not None and not snap.nodes:
+        if self.store.abandoned():
             # No live node holds this run id: whatever is stored is a finished or abandoned job.
             # Reusing the id starts a new job, as with torchrun.
             self.store.delete_job()

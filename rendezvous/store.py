@@ -19,12 +19,14 @@ EVENTS_KEPT of every node), so that reading the job does not read its history.
 
 Reading the job costs O(changes), not O(nodes): once `watch()` runs, the store keeps a mirror of
 the job's keys (one read, then the watch's events applied in revision order) and `snapshot()`
-answers from memory. Three things make it read etcd again: this store wrote (read your own
-writes: one full read, by the writer only); the watch broke (until `rewatch()`); and every
-CONFIRM_S at rest, two small reads (the round key; the number of registered nodes), which notice
-an etcd out of reach or a silently stalled watch, the leader's too. So a membership change costs
-each agent no request but the ones it writes, instead of a full read of every node's
-registration by every node.
+answers from memory. A store reads its own writes without reading: a put's revision is
+remembered and the next snapshot() waits (at most CATCH_UP_S) for the watch to bring it. It reads
+the whole job again only after a delete or a compare-and-swap that lost (rare: a dead peer's
+lease revoked, a release cleared), when the watch broke (until `rewatch()`) or fell behind; and
+every CONFIRM_S at rest it makes two small reads (the round key; the number of registered
+nodes), which notice an etcd out of reach or a silently stalled watch, the leader's too. So a
+membership change costs each agent no request but the ones it writes, and an agent that starts
+watching before it joins reads the job once (see `abandoned()`), however large it is.
 
 `JobStore` is what the agent and membership need; `EtcdStore` implements it (contract tests
 against a real etcd in tests/integration/test_store.py). Every client-library error becomes a
@@ -53,6 +55,7 @@ PREFIX = "/elastic"
 EVENTS_PREFIX = "/elastic-events"
 EVENTS_KEPT = 200  # per node
 CONFIRM_S = 2.0  # at rest, a mirrored snapshot is checked against etcd this often (2 reads)
+CATCH_UP_S = 1.0  # how long a snapshot waits for the watch to bring this store's own write
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class JobStore(Protocol):
     def refresh_lease(self, lease_id: int) -> bool: ...
     def revoke_lease(self, lease_id: int) -> None: ...
     def ensure_spec(self, spec: JobSpec) -> JobSpec: ...
+    def abandoned(self) -> bool: ...
     def register(self, node: NodeInfo) -> None: ...
     def campaign(self, node_id: str, lease_id: int) -> bool: ...
     def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool: ...
@@ -126,7 +130,8 @@ def _converted(method):
 
 
 def _writes(method):
-    """A write to the job's keys: this store's next snapshot() reads etcd (read your writes)."""
+    """A write to the job's keys whose revision is not known (a delete, a compare-and-swap that
+    may lose): this store's next snapshot() reads etcd (read your writes)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         self._dirty = True
@@ -270,6 +275,8 @@ class EtcdStore:
         self._mirror_lock = threading.Lock()
         self._confirmed_at = 0.0
         self._dirty = False
+        self._expected = 0  # the revision of this store's last write the mirror must hold
+        self._caught_up = threading.Condition(self._mirror_lock)  # notified per watch response
 
     @classmethod
     def attach(cls, client, endpoint: str, run_id: str,
@@ -308,13 +315,48 @@ class EtcdStore:
                 raise
 
     # -- writes --------------------------------------------------------------------------
+    def _expect(self, revision: int) -> None:
+        """This store changed a job key at `revision`: snapshot() waits until the mirror has it."""
+        with self._mirror_lock:
+            self._expected = max(self._expected, revision)
+
+    def _put_and_get(self, key: str, compare, puts) -> "tuple[bool, Optional[bytes]]":
+        """A transaction that writes `puts` if `compare` holds, and reads `key` either way;
+        snapshot() then waits for the key's revision. Returns (succeeded, the key's value)."""
+        tx = self._client.transactions
+        ok, responses = self._client.transaction(compare=compare,
+                                                 success=[*puts, tx.get(key)],
+                                                 failure=[tx.get(key)])
+        found = responses[-1] if responses else []
+        if not found:  # deleted meanwhile: read everything next time
+            self._dirty = True
+            return ok, None
+        value, meta = found[0]
+        self._expect(meta.mod_revision)
+        return ok, value
+
     @_converted
-    @_writes
     def ensure_spec(self, spec: JobSpec) -> JobSpec:
         """Write the job spec unless one exists; return the spec in force."""
-        self._client.put_if_not_exists(self._key("spec"), spec.to_json())
-        value, _ = self._client.get(self._key("spec"))
+        key = self._key("spec")
+        tx = self._client.transactions
+        _, value = self._put_and_get(key, [tx.create(key) == 0], [tx.put(key, spec.to_json())])
+        if value is None:
+            raise RendezvousConnectionError(f"job {self.run_id!r} was deleted while joining it")
         return JobSpec.from_json(value)
+
+    @_converted
+    def abandoned(self) -> bool:
+        """A job is stored under this id but no node is registered in it: it finished or was
+        left, and a new job may take the id (as with torchrun). Two small reads, or none from
+        the mirror."""
+        with self._mirror_lock:
+            if self._mirror is not None and not self._dirty:
+                snap = self._mirror.snapshot()
+                return snap.spec is not None and not snap.nodes
+        if not self._client.get_response(self._key("spec")).kvs:
+            return False
+        return self._client.get_prefix_response(self._key("nodes", ""), count_only=True).count == 0
 
     @_converted
     @_writes
@@ -364,63 +406,57 @@ class EtcdStore:
         records = [json.loads(value) for value, _ in self._client.get_prefix(self._events)]
         return sorted(records, key=lambda r: (r.get("time", 0.0), r.get("node", "")))
 
-    @_converted
-    @_writes
-    def register(self, node: NodeInfo) -> None:
-        self._client.put(self._key("nodes", node.node_id), node.to_json(), lease=node.lease_id)
+    def _put(self, key: str, value, lease=None) -> None:
+        self._expect(self._client.put(key, value, lease=lease).header.revision)
 
     @_converted
-    @_writes
+    def register(self, node: NodeInfo) -> None:
+        self._put(self._key("nodes", node.node_id), node.to_json(), lease=node.lease_id)
+
+    @_converted
     def campaign(self, node_id: str, lease_id: int) -> bool:
         """Become leader if nobody is; the key vanishes with the lease, so a dead leader is replaced."""
         key = self._key("leader")
         tx = self._client.transactions
-        ok, _ = self._client.transaction(
-            compare=[tx.create(key) == 0],
-            success=[tx.put(key, node_id, lease=lease_id)],
-            failure=[],
-        )
+        ok, _ = self._put_and_get(key, [tx.create(key) == 0],
+                                  [tx.put(key, node_id, lease=lease_id)])
         return ok
 
     @_converted
-    @_writes
     def publish_round(self, rnd: Round, expected_revision: int, leader_id: str) -> bool:
         """Replace the round only if nobody replaced it since we read it and we still lead.
 
         This is the fencing: a leader that lost its lease (and maybe does not know yet) cannot
         overwrite a round published by its successor.
         """
+        key = self._key("round")
         tx = self._client.transactions
-        ok, _ = self._client.transaction(
-            compare=[tx.mod(self._key("round")) == expected_revision,
-                     tx.value(self._key("leader")) == leader_id],
-            success=[tx.put(self._key("round"), rnd.to_json())],
-            failure=[],
-        )
+        ok, _ = self._put_and_get(key, [tx.mod(key) == expected_revision,
+                                        tx.value(self._key("leader")) == leader_id],
+                                  [tx.put(key, rnd.to_json())])
+        if not ok:
+            self._dirty = True  # maybe the leadership was lost: read the whole job
         return ok
 
     @_converted
-    @_writes
     def put_master(self, number: int, addr: str) -> None:
-        self._client.put(self._key("master", number), addr)
+        self._put(self._key("master", number), addr)
 
     @_converted
-    @_writes
     def report_failure(self, number: int, report: FailureReport) -> None:
-        self._client.put(self._key("failures", number, report.node_id), json.dumps(asdict(report)))
+        self._put(self._key("failures", number, report.node_id), json.dumps(asdict(report)))
 
     @_converted
-    @_writes
     def set_outcome(self, outcome: JobOutcome) -> JobOutcome:
         """Write the terminal state once; return whichever outcome won."""
-        self._client.put_if_not_exists(self._key("state"), outcome.to_json())
-        value, _ = self._client.get(self._key("state"))
-        return JobOutcome.from_json(value)
+        key = self._key("state")
+        tx = self._client.transactions
+        _, value = self._put_and_get(key, [tx.create(key) == 0], [tx.put(key, outcome.to_json())])
+        return JobOutcome.from_json(value) if value is not None else outcome
 
     @_converted
-    @_writes
     def mark_in_place(self) -> None:
-        self._client.put(self._key("inplace"), "1")
+        self._put(self._key("inplace"), "1")
 
     @_converted
     @_writes
@@ -476,7 +512,13 @@ class EtcdStore:
         """The job as of one etcd revision: from the mirror while the watch runs (see the
         module's docstring), else read."""
         with self._mirror_lock:
-            mirror, dirty = self._mirror, self._dirty
+            if self._mirror is not None and not self._dirty:
+                # This store's own last write: the watch brings it within milliseconds.
+                self._caught_up.wait_for(
+                    lambda: self._mirror is None or self._mirror.revision >= self._expected,
+                    timeout=CATCH_UP_S)
+            mirror = self._mirror
+            dirty = self._dirty or (mirror is not None and mirror.revision < self._expected)
             if mirror is not None and not dirty:
                 if time.monotonic() - self._confirmed_at < CONFIRM_S:
                     return mirror.snapshot()
@@ -504,6 +546,7 @@ class EtcdStore:
             if self._mirror is not None and read.revision > self._mirror.revision:
                 self._mirror = read
                 self._confirmed_at = time.monotonic()
+                self._caught_up.notify_all()
         return read.snapshot()
 
     # -- change notification -------------------------------------------------------------
@@ -517,6 +560,7 @@ class EtcdStore:
             if events is None:  # the stream broke: snapshot() reads until rewatch()
                 with self._mirror_lock:
                     self._mirror = None
+                    self._caught_up.notify_all()
                 callback()
                 return
             with self._mirror_lock:
@@ -528,6 +572,7 @@ class EtcdStore:
                     log.exception("job %s: a watched change could not be applied; reading "
                                   "etcd from now on", self.run_id)
                     self._mirror, changed = None, True
+                self._caught_up.notify_all()
             if changed:
                 callback()
 

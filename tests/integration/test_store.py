@@ -245,8 +245,9 @@ def test_a_broken_watch_makes_the_store_read_until_it_watches_again(store, monke
 def test_a_membership_change_costs_an_agent_requests_independent_of_the_job_size(
         etcd_endpoint, run_id, others, monkeypatch):
     """Agents that watch and step as the launcher's loop does; one node joins. The leader
-    writes the new round (and reads it back); every other agent makes no request at all,
-    however many they are (before, each read every node's registration on each change)."""
+    writes the new round; every other agent makes no request at all, however many they are
+    (before, each read every node's registration on each change); the newcomer reads the job
+    once, to start its mirror (before, three times)."""
     monkeypatch.setattr("rendezvous.store.CONFIRM_S", 3600.0)  # no confirming read meanwhile
     settings = RendezvousSettings(run_id=run_id, min_nodes=1, max_nodes=others + 1,
                                   last_call_timeout=0.1, join_settle=0.0, lease_ttl=30)
@@ -255,8 +256,8 @@ def test_a_membership_change_costs_an_agent_requests_independent_of_the_job_size
                           node_id=f"n{i:02d}") for i, s in enumerate(stores)]
     try:
         for m in members[:others]:
+            m.store.watch(lambda: None)  # as the agent does: watching, then joining
             m.join()
-            m.store.watch(lambda: None)
 
         def settled(group, size):
             for m in group:
@@ -268,13 +269,18 @@ def test_a_membership_change_costs_an_agent_requests_independent_of_the_job_size
         for m in members[:others]:
             m.store._client = CountingClient(m.store._client)
         newcomer = members[others]
+        newcomer.store._client = CountingClient(newcomer.store._client)
+        newcomer.store.watch(lambda: None)
         newcomer.join()
-        assert wait_until(lambda: settled(members[:others], others + 1), timeout=30)
+        assert wait_until(lambda: settled(members, others + 1), timeout=30)
         calls = {m.node_id: m.store._client.calls for m in members[:others]}
         leader = members[0].store.snapshot().leader
         assert leader in calls
         assert {nid: c for nid, c in calls.items() if nid != leader and c} == {}
-        assert len(calls[leader]) <= 3, calls[leader]  # the round's compare-and-swap, a read
+        assert calls[leader] == ["transaction"]  # the round's compare-and-swap, read back
+        # One read of the job to start the watch; the spec, a lease, the registration.
+        assert sorted(newcomer.store._client.calls) == [
+            "get_prefix_response", "lease", "put", "transaction"], newcomer.store._client.calls
     finally:
         for m in members:
             m.leave()
