@@ -162,9 +162,12 @@ def host_main(args) -> None:
 
         def run(self) -> None:
             node_id = self.membership.node_id
+            if args.scheme == "now":  # as the agent does: watching, then joining
+                self.store.watch(self.wake.set)
             self.membership.join()
             say(agent=node_id, event="registered", t=time.time())
-            self.store.watch(self.wake.set)
+            if args.scheme == "before":
+                self.store.watch(self.wake.set)
             self.peers.start()
             held = None
             while not stop.is_set():

@@ -11,6 +11,7 @@ be probed at once (`remove_dead`), to tell a dead peer from a failure of its own
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -30,17 +31,34 @@ log = logging.getLogger(__name__)
 PROBED_PEERS = 2  # each node probes this many ring successors
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _place(node_id: str) -> str:
     """A node's place on the ring: a hash of its id, so that the nodes of one rack or host name
     prefix (node ids start with the host name), which tend to fail together, are spread out."""
     return hashlib.sha1(node_id.encode()).hexdigest()
 
 
+def ring(node_ids: Iterable[str]) -> List[tuple]:
+    """The nodes in ring order: (place, id) each."""
+    return sorted((_place(nid), nid) for nid in set(node_ids))
+
+
+def successors(ordered: List[tuple], me: str, count: int = PROBED_PEERS) -> List[str]:
+    """The `count` nodes after `me` on a `ring()`, wrapping around (fewer if it is smaller)."""
+    start = bisect_right(ordered, (_place(me), me))
+    found: List[str] = []
+    for i in range(len(ordered)):
+        if len(found) == count:
+            break
+        nid = ordered[(start + i) % len(ordered)][1]
+        if nid != me:
+            found.append(nid)
+    return found
+
+
 def ring_successors(node_ids: Iterable[str], me: str, count: int = PROBED_PEERS) -> List[str]:
     """The `count` nodes after `me` on the ring, wrapping around (fewer if the job is smaller)."""
-    others = sorted((_place(nid), nid) for nid in set(node_ids) if nid != me)
-    start = bisect_right(others, (_place(me), me))
-    return [others[(start + i) % len(others)][1] for i in range(min(count, len(others)))]
+    return successors(ring(node_ids), me, count)
 
 
 class PeerMonitor:
@@ -54,6 +72,7 @@ class PeerMonitor:
         self._prober = Prober()  # only the probing thread uses it
         self._stop = threading.Event()
         self._snapshot: Optional[Snapshot] = None
+        self._ring: tuple = (None, [])  # (the nodes mapping it was made of, the ring)
         self._thread = threading.Thread(target=self._loop, name="peer-probe", daemon=True)
 
     def start(self) -> None:
@@ -97,10 +116,12 @@ class PeerMonitor:
             snap = self._snapshot
             if snap is None:
                 continue
-            watched = ring_successors(snap.nodes, self._membership.node_id, self._probed_peers)
+            if self._ring[0] is not snap.nodes:  # the mirror's snapshot is kept until a change
+                self._ring = (snap.nodes, ring(snap.nodes))
+            watched = successors(self._ring[1], self._membership.node_id, self._probed_peers)
             self._watch.retain(watched)  # misses of a node probed earlier do not carry over
             self._prober.retain(watched)
-            for info in self._others(snap, watched):
+            for info in [snap.nodes[nid] for nid in watched if nid in snap.nodes]:
                 if self._stop.is_set():
                     break
                 result = self._prober.probe(info.health_addr, info.node_id)

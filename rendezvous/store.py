@@ -170,9 +170,10 @@ def _parse(rel: List[str], value: bytes):
     return None
 
 
-def _assemble(entries) -> Snapshot:
-    """A Snapshot of parsed entries: (rel key parts, record, mod revision) each."""
-    nodes, masters, failures, released = {}, {}, {}, {}
+def _assemble(entries, nodes: Dict[str, NodeInfo]) -> Snapshot:
+    """A Snapshot of the nodes and the other parsed entries: (rel key parts, record, mod
+    revision) each."""
+    masters, failures, released = {}, {}, {}
     leader = rnd = outcome = spec = stop = None
     revision, in_place, spec_revision = 0, False, 0
     for rel, record, mod_revision in entries:
@@ -206,12 +207,13 @@ def _assemble(entries) -> Snapshot:
 
 class _Mirror:
     """The job's keys (extensions' aside) as of `revision`, parsed; rebuilt into a Snapshot
-    only after a change."""
+    only after a change, the nodes (the one part that grows with the job) copied, not parsed."""
 
     def __init__(self, root: str, kvs, revision: int) -> None:
         self._root = root
         self._read_at = self.revision = revision
-        self._entries: Dict[str, tuple] = {}
+        self._nodes: Dict[str, NodeInfo] = {}
+        self._entries: Dict[str, tuple] = {}  # every other key: (rel parts, record, revision)
         for kv in kvs:
             self._put(kv.key.decode(), kv.value, kv.mod_revision)
         self._built: Optional[Snapshot] = None
@@ -219,8 +221,19 @@ class _Mirror:
     def _put(self, key: str, value: bytes, mod_revision: int) -> None:
         rel = key[len(self._root):].split("/")
         record = _parse(rel, value)
-        if record is not None:
+        if record is None:
+            return
+        if rel[0] == "nodes":
+            self._nodes[rel[1]] = record
+        else:
             self._entries[key] = (rel, record, mod_revision)
+
+    def _delete(self, key: str) -> None:
+        rel = key[len(self._root):].split("/")
+        if rel[0] == "nodes" and len(rel) > 1:
+            self._nodes.pop(rel[1], None)
+        else:
+            self._entries.pop(key, None)
 
     def apply(self, events) -> bool:
         """Apply a watch response's events in order; True if a job key changed."""
@@ -233,7 +246,7 @@ class _Mirror:
             if key[len(self._root):].startswith("ext/"):
                 continue
             if isinstance(event, DeleteEvent):
-                self._entries.pop(key, None)
+                self._delete(key)
             else:
                 self._put(key, event.value, event.mod_revision)
             self.revision = max(self.revision, event.mod_revision)
@@ -247,11 +260,11 @@ class _Mirror:
         return entry[2] if entry else 0
 
     def node_count(self) -> int:
-        return sum(1 for rel, _, _ in self._entries.values() if rel[0] == "nodes")
+        return len(self._nodes)
 
     def snapshot(self) -> Snapshot:
         if self._built is None:
-            self._built = _assemble(self._entries.values())
+            self._built = _assemble(self._entries.values(), dict(self._nodes))
         return self._built
 
 
