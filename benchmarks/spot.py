@@ -47,8 +47,13 @@ Figures, per launcher, from the lines the training script prints (its own clock)
                 the last STEP printed at or before the end, unless the job then rolls back: after the
                 end the benchmark waits for the next STEP (no more faults) and S_end is at most that
                 step's number minus one. (A job that prints no step again counts its last checkpoint.)
-  goodput       useful steps x t_step / duration: the fraction of an undisturbed run's progress the
-                job kept. It can exceed 1 when a smaller world steps faster than the full one (2 cores).
+  vs undisturbed  useful steps / the useful steps of an undisturbed run: in every repetition each
+                launcher also runs the same job for the same duration with no fault at all, the two
+                runs in alternating order (undisturbed first in odd repetitions); this is the goodput
+                the summary reports, with its spread over repetitions.
+  goodput       useful steps x t_step / duration: the fraction of the warm-up's pace the job kept
+                (kept for reference: it can exceed 1 when a smaller world steps faster than the
+                full one on 2 cores, which the undisturbed run does not).
   steps/min     useful steps per minute of wall time, next to the undisturbed rate 60 / t_step.
   recomputed    steps trained more than once: STEP lines whose number is not above the highest
                 printed before them (a step printed again after a rollback). Each is charged to the
@@ -69,7 +74,7 @@ Figures, per launcher, from the lines the training script prints (its own clock)
                 reference time to that first step in the new world: the training time the user lost.
 
     python benchmarks/spot.py [--seed 1] [--nodes 3] [--mean-interval 40] [--notice 5] \
-        [--replace-after 5] [--duration 120] [--reps 1] [--launchers ours,torchrun] [--keep-logs]
+        [--replace-after 5] [--duration 120] [--reps 3] [--launchers ours,torchrun] [--keep-logs]
 
 Every process it starts is ended by it (also on Ctrl-C or SIGTERM), and its temporary directory is
 removed unless --keep-logs is given or our launcher misbehaved (then its path is printed).
@@ -133,7 +138,8 @@ def main() -> None:
                         help="last_call_timeout (whole s) for both rendezvous (torchrun's default 30, ours 3)")
     parser.add_argument("--start-timeout", type=float, default=120.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
-    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3,
+                        help="repetitions, each a preempted and an undisturbed run per launcher")
     parser.add_argument("--launchers", default="ours,torchrun", help=f"comma list of: {', '.join(LAUNCHERS)}")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs' temporary directory")
     args = parser.parse_args()
@@ -168,8 +174,17 @@ def main() -> None:
     try:
         for rep, schedule in enumerate(schedules, 1):
             for name in launchers:
-                print(f"rep {rep}/{args.reps} {name}: starting {args.nodes} nodes", flush=True)
-                r = run_one(name, log_root / f"rep{rep}-{name}", schedule, args)
+                runs = [("preempted", schedule), ("undisturbed", [])]
+                got = {}
+                for kind, plan in runs if rep % 2 == 0 else runs[::-1]:
+                    print(f"rep {rep}/{args.reps} {name} ({kind}): starting {args.nodes} nodes",
+                          flush=True)
+                    got[kind] = run_one(name, log_root / f"rep{rep}-{name}-{kind}", plan, args)
+                    if kind == "undisturbed":
+                        print(f"  {name} undisturbed: {got[kind].useful} useful steps"
+                              + (f" ({got[kind].failure})" if got[kind].failure else ""), flush=True)
+                r = got["preempted"]
+                r.baseline = got["undisturbed"].useful
                 results[name].append(r)
                 print_result(r, rep)
                 sys.stdout.flush()

@@ -68,6 +68,7 @@ class Result:
     exits: dict = field(default_factory=dict)  # agent -> why it exited unasked
     failure: str = ""
     load: str = ""               # the machine's 1-min load average at t0 and at the end
+    baseline: Optional[int] = None  # useful steps of the same launcher's undisturbed run, same rep
 
     @property
     def pending(self) -> bool:
@@ -76,6 +77,14 @@ class Result:
     @property
     def goodput(self) -> Optional[float]:
         return None if self.useful is None else self.useful * self.t_step / self.duration
+
+    @property
+    def vs_undisturbed(self) -> Optional[float]:
+        """Useful steps over those of an undisturbed run of the same length, same launcher, same
+        repetition: the comparable goodput (the warm-up's t_step is measured at full size only)."""
+        if self.useful is None or not self.baseline:
+            return None
+        return self.useful / self.baseline
 
     @property
     def per_min(self) -> Optional[float]:

@@ -31,6 +31,10 @@ def median(values: list) -> Optional[float]:
     return None if math.isinf(m) else m
 
 
+def spread(values: list) -> Optional[str]:
+    return f"{min(values):.1%}-{max(values):.1%}" if values else None
+
+
 def print_result(r: Result, rep: int) -> None:
     if math.isnan(r.t_step):
         print(f"\n[{r.launcher}, rep {rep}]")
@@ -52,6 +56,8 @@ def print_result(r: Result, rep: int) -> None:
     if r.useful is not None:
         print(f"  useful steps {r.useful} (step {r.s_start} -> {r.s_end}{'; ' + r.end_note if r.end_note else ''}); "
               f"{r.per_min:.0f} surviving steps/min vs {60 / r.t_step:.0f} undisturbed; goodput {r.goodput:.1%}; "
+              + (f"vs the undisturbed run ({r.baseline} steps) {r.vs_undisturbed:.1%}; "
+                 if r.vs_undisturbed is not None else "") +
               f"recomputed {r.recomputed}" + (f" ({r.unattributed} before any event)" if r.unattributed else "")
               + f"; gaps {r.gaps}" + (f" ({r.unprinted} step(s) trained but not printed)" if r.unprinted else "")
               + f"; 1-min load average at t0 / end {r.load}")
@@ -64,6 +70,8 @@ def summary_figures(results: list[Result]) -> dict:
     total_rec = sum(r.recomputed for r in results)
     return {
         # A run that never got going kept nothing: 0, not a missing figure.
+        "vs_undisturbed": median([r.vs_undisturbed or 0.0 for r in results]),
+        "vs_spread": spread([r.vs_undisturbed or 0.0 for r in results]),
         "goodput": median([r.goodput or 0.0 for r in results]),
         "per_min": median([r.per_min or 0.0 for r in results]),
         "undisturbed": median([60 / r.t_step for r in results if not math.isnan(r.t_step)]),
@@ -83,8 +91,10 @@ def summary_figures(results: list[Result]) -> dict:
 def fmt(key: str, v: Optional[float]) -> str:
     if v is None:
         return "no result"
-    if key == "goodput":
+    if key in ("goodput", "vs_undisturbed"):
         return f"{v:.1%}"
+    if key == "vs_spread":
+        return v
     if key in ("per_min", "undisturbed", "useful", "gaps", "recomputed"):
         return f"{v:.0f}"
     if key in ("rec_per_pre", "rec_median"):
@@ -92,7 +102,9 @@ def fmt(key: str, v: Optional[float]) -> str:
     return f"{v:.2f} s"
 
 
-ROWS = [("goodput", "goodput (useful steps x t_step / wall)"),
+ROWS = [("vs_undisturbed", "goodput: useful steps / an undisturbed run's (median)"),
+        ("vs_spread", "  the same, lowest-highest of the repetitions"),
+        ("goodput", "useful steps x warm-up t_step / wall"),
         ("per_min", "surviving steps per minute of wall time"),
         ("undisturbed", "undisturbed steps per minute (warm-up)"),
         ("useful", "useful steps"),
@@ -132,12 +144,13 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     others = [n for n in launchers if n != BASE and n in figs]
     if BASE in figs:
         for n in others:
-            g_b, g_o = figs[BASE]["goodput"], figs[n]["goodput"]
+            g_b, g_o = figs[BASE]["vs_undisturbed"], figs[n]["vs_undisturbed"]
             s_b, s_o = figs[BASE]["pre_stall"], figs[n]["pre_stall"]
             parts = [f"goodput {BASE}/{n} " + (f"{g_b / g_o:.2f}x" if g_b and g_o else "n/a"),
                      f"stall per preemption {n}/{BASE} " + (f"{s_o / s_b:.1f}x" if s_b and s_o else "n/a")]
             print("ratio: " + "; ".join(parts))
-    summary = [f"{n}: goodput {fmt('goodput', f['goodput'])}, {fmt('per_min', f['per_min'])} surviving "
+    summary = [f"{n}: goodput {fmt('vs_undisturbed', f['vs_undisturbed'])} of an undisturbed run "
+               f"({f['vs_spread']}), {fmt('per_min', f['per_min'])} surviving "
                f"steps/min (undisturbed {fmt('undisturbed', f['undisturbed'])}), recomputed/preemption "
                f"{fmt('rec_per_pre', f['rec_per_pre'])}, stall/preemption {fmt('pre_stall', f['pre_stall'])}, "
                f"gaps {f['gaps']}" for n, f in figs.items()]
@@ -147,6 +160,10 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
         f = figs[BASE]
         ok = f["gaps"] == 0 and f["recomputed"] == 0 and not any(r.exits for r in results[BASE])
     verdict = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[ok]
+    good = None if BASE not in figs or figs[BASE]["vs_undisturbed"] is None else \
+        figs[BASE]["vs_undisturbed"] >= 0.95
+    verdict += "; ours' goodput >= 95% of an undisturbed run: " + {
+        True: "MET", False: "NOT MET", None: "NOT MEASURED"}[good]
     print(f"\nSUMMARY ({os.cpu_count()} cores, CPU only, seed {args.seed}, {n_pre} preemption(s) with "
           f"{args.notice:g} s notice in {args.reps} x {args.duration:g} s, median) " + "; ".join(summary)
           + f". ours recomputes no step, skips none and no agent of it crashed: {verdict}")
