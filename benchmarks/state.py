@@ -182,7 +182,7 @@ def main() -> None:
         print(f"{name:<28} {a:>9.3f}   {base:<32} {b:>9.3f} {a / b:>5.2f}x")
     print()
     print("summary: commit() {:.2f}x deepcopy of the same model+optimizer state; save() {:.2f}x "
-          "torch.save + fsync (+CRC-32, rename; {:.2f}x with SHA-256); save(asynchronous) blocks "
+          "torch.save + fsync (+XXH3, rename; {:.2f}x with SHA-256); save(asynchronous) blocks "
           "{:.3f} s; load() {:.2f}x torch.load + load_state_dict (+verify); "
           "load_checkpoint(mmap) + load_state_dict {:.2f}x the same with torch.load(mmap)"
           .format(ratios[("commit()", "deepcopy(model + optimizer state)")],

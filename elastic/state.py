@@ -251,8 +251,8 @@ class ElasticState:
         With asynchronous=True the snapshot is written on a background thread and save()
         returns at once (commits meanwhile go to fresh buffers, never into the snapshot being
         written); a later save waits for it, and `wait_for_save()` raises its error.
-        checksum: "crc32" finds accidental damage, "sha256" also tampering (see
-        `elastic.checkpoint`).
+        checksum: "xxh3" (the default) or "crc32" find accidental damage, "sha256" also
+        tampering (see `elastic.checkpoint`).
         """
         if asynchronous:
             if self._checkpointer is None:

@@ -121,7 +121,7 @@ def _digest_offset(data: bytes) -> int:
     return data.rindex(b'"digest": "') + len(b'"digest": "') + 3
 
 
-@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+@pytest.mark.parametrize("checksum", ["xxh3", "crc32", "sha256"])
 @pytest.mark.parametrize("where, message", [
     (lambda data: len(data) // 2, "is corrupted .*checksums do not match"),
     (lambda data: 40, "is corrupted .*checksums do not match"),  # inside torch's first record
@@ -185,7 +185,7 @@ def test_format_1_damage_is_still_detected(tmp_path):
 
 
 def test_an_unknown_checksum_is_refused_before_any_file_is_made(tmp_path):
-    with pytest.raises(ValueError, match="checksum must be one of crc32, sha256, got 'md5'"):
+    with pytest.raises(ValueError, match="checksum must be one of xxh3, crc32, sha256, got 'md5'"):
         make_state().save(tmp_path / "c.pt", checksum="md5")
     with pytest.raises(ValueError, match="checksum must be one of"):
         make_state().save(tmp_path / "c.pt", asynchronous=True, checksum="md5")
