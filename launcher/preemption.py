@@ -43,6 +43,7 @@ DEFAULT_GRACE_S = 30.0
 # A metadata server answers in milliseconds; a slow one must not delay the next check for long.
 MAX_HTTP_TIMEOUT_S = 2.0
 MAX_DETAIL_BYTES = 4096
+EMPTY_FILE_SETTLE_S = 0.05  # a notice file found empty is read once more after this
 
 SIGTERM, FILE, METADATA = "sigterm", "file", "metadata"
 
@@ -236,6 +237,11 @@ class NoticeWatcher:
             return self._notice
         if self.config.notice_file is not None:
             detail = self._read_file(self.config.notice_file)
+            if detail == "":
+                # Maybe seen between its creation and the write of its text (`echo x > file`):
+                # a moment later the text is there, if it has any.
+                time.sleep(EMPTY_FILE_SETTLE_S)
+                detail = self._read_file(self.config.notice_file) or ""
             if detail is not None:
                 return self._deliver(FILE, detail, None)
         if self._preset is not None:

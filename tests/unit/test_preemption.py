@@ -43,6 +43,17 @@ def rec():
     return Recorder()
 
 
+def test_a_file_seen_before_its_text_is_written_still_gives_its_text(tmp_path, rec,
+                                                                     monkeypatch):
+    path = tmp_path / "preempted"
+    path.write_text("")  # created; its writer has not written yet
+    # The writer finishes while the watcher waits to look again.
+    monkeypatch.setattr("launcher.preemption.time.sleep", lambda _s: path.write_text("bye"))
+    w = rec.watcher(notice_file=str(path))
+    assert w.check_once().detail == "bye"
+    assert [n.detail for n in rec.notices] == ["bye"]
+
+
 def closed_port_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
