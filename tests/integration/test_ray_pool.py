@@ -244,8 +244,15 @@ def test_an_elastic_job_gives_nodes_to_a_gang_and_takes_them_back(cluster, pool_
         wait_for(lambda: status(pool_etcd, "g1")["state"] == "finished", 60, what="gang done")
         g1 = status(pool_etcd, "g1")
         assert g1["exit_code"] == 0
-        wait_for(lambda: trained_at(tmp_path, 3, after=shrunk), 120,
-                 what="trainer training at 3 again")
+        try:
+            wait_for(lambda: trained_at(tmp_path, 3, after=shrunk), 120,
+                     what="trainer training at 3 again")
+        except AssertionError as exc:  # what the pool and the job did, for whoever reads CI
+            events = [f"{e.get('event')} {e.get('cause', '')} {e.get('world_size', '')}"
+                      for e in read_events(tmp_path / "logs")][-20:]
+            raise AssertionError(f"{exc}; status {status(pool_etcd, 'trainer')}; last events "
+                                 f"{events}; controller said: "
+                                 f"{ctl.out.read_text()[-3000:]}") from None
         logs = pool_command(pool_etcd, "logs", "g1", "--member", "1")
         assert logs.returncode == 0 and "GANG" in logs.stdout and '"RANK": "1"' in logs.stdout
 
