@@ -10,7 +10,9 @@ integrations.torch.run), one agent per "node", `--nnodes 1:2 --nproc-per-node 1`
                                                                 forked by the node's zygote)
   ours-restart-spawn  the same with --preload none             (every worker a new process: what
                                                                 restart mode did before the zygote)
-  torchrun      python -m torch.distributed.run --rdzv-backend c10d
+  torchrun      python -m torch.distributed.run --rdzv-backend c10d, with
+                TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (torch 2.13's default makes a newcomer wait
+                forever for a key the old rank 0 never writes again; see benchmarks/spot.py)
 
 Four scenarios per repetition (the last two through the job client, for our launcher only:
 torchrun has no way to resize or release a running job):
@@ -192,6 +194,9 @@ class Run:
         # TMPDIR keeps torchrun's own temp log folders inside this run's directory.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.dir),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+        if self.launcher == "torchrun":  # else a newcomer never joins (see benchmarks/spot.py)
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         with open(self.agent_log(name), "wb") as out:
             started = time.time()
             self.agents[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env,

@@ -92,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(scripts using integrations.torch.run: survivors keep running, joining "
                         "nodes pre-warm their workers); auto (default) switches to in place once "
                         "the workers use the API")
-    p.add_argument("--preload", default="torch,torch.distributed", metavar="MODULES",
+    p.add_argument("--preload", default="torch,torch.distributed,torch._dynamo", metavar="MODULES",
                    help="modules a zygote process imports once per node before forking the "
                         "workers from it, so that restarted workers skip process start and these "
-                        "imports (comma-separated; default torch,torch.distributed; none: start "
-                        "every worker as a new process)")
+                        "imports (comma-separated; default torch,torch.distributed,"
+                        "torch._dynamo; none: start every worker as a new process)")
     p.add_argument("--preemption-file", default=None,
                    help="a file whose appearance is this node's preemption notice (write it "
                         "elsewhere and rename it here); the node leaves at the next step boundary")

@@ -125,6 +125,8 @@ class ElasticAgent:
             prewarmed = d.should_prewarm(self.backend.traits, self.store.snapshot().in_place)
             if prewarmed:
                 self._prewarm()
+            else:
+                self._ready_to_fork()
             if self._notice is not None:
                 return 128 + self._signal if self._signal else 0
             self.membership.join()
@@ -150,6 +152,14 @@ class ElasticAgent:
     def _on_notice(self, notice: Notice) -> None:
         self._notice = notice
         self._wake.set()
+
+    def _ready_to_fork(self) -> None:
+        """A newcomer to a running job registers once its zygote can fork its workers, so the
+        members restarted for the new round wait for its rendezvous, not for its imports. A
+        node of a job with no round yet registers at once: its imports overlap the first one."""
+        rnd = self.store.snapshot().round
+        if rnd is not None and rnd.active:
+            self.backend.prepare()
 
     def _prewarm(self) -> None:
         """Start the workers in standby and wait until they are ready for a world."""

@@ -69,6 +69,10 @@ class WorkerStatus:
 class WorkerBackend(Protocol):
     traits: BackendTraits
 
+    def prepare(self) -> None:
+        """Before this node registers in a job that is running: be ready to start workers at
+        once (the zygote's imports done), so the members it joins do not wait for them."""
+
     def start(self, assignment: Optional[WorldAssignment]) -> None:
         """Spawn the node's workers for a round, or in standby (None).
 
@@ -113,6 +117,10 @@ class ProcessBackend:
         self.spec = spec
         self.group = WorkerGroup(spec)
         self._hint = hint
+
+    def prepare(self) -> None:
+        if self.spec.zygote is not None:
+            self.spec.zygote.wait_ready()
 
     def start(self, assignment: Optional[WorldAssignment]) -> None:
         self.group.start(assignment)

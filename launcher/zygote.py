@@ -45,7 +45,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRELOAD = ("torch", "torch.distributed")
+# torch._dynamo: torch.optim's first optimizer imports it (2-3 s here), in every new worker.
+DEFAULT_PRELOAD = ("torch", "torch.distributed", "torch._dynamo")
 READY_TIMEOUT_S = 120.0  # importing torch on a busy machine
 REPLY_TIMEOUT_S = 30.0
 _PACKET = 1 << 20
@@ -166,6 +167,11 @@ class Zygote:
         self._sock = ours
         self.why_not = "still importing"
         threading.Thread(target=self._read, name="zygote", daemon=True).start()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait for the imports (at most `timeout`); True if the zygote can fork."""
+        self._ready.wait(timeout)
+        return self.available
 
     def can_run(self, argv: Sequence[str], env: Mapping[str, str],
                 wait: float = READY_TIMEOUT_S) -> bool:

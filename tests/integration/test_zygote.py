@@ -11,7 +11,7 @@ import pytest
 
 from launcher.zygote import Zygote, parse_command
 
-from .agents import STEPS, Agent, new_mark, processes_with_mark, wait_for
+from .agents import STEPS, Agent, new_mark, processes_with_mark, read_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +168,36 @@ def test_torch_in_a_forked_worker_takes_the_workers_thread_count(tmp_path):
         assert not z.can_run(argv, {**env, "PYTHONHASHSEED": "7"})
     finally:
         z.close()
+
+
+def test_a_newcomer_registers_once_its_zygote_is_ready_a_first_node_at_once(tmp_path, etcd_endpoint,
+                                                                              run_id):
+    """In restart mode the members restart for the newcomer's round and wait at their first
+    collective for its workers: its imports must be done before it registers. A node of a new
+    job has no one waiting for it: it registers while its zygote imports."""
+    mark = new_mark()
+    stop = tmp_path / "stop"
+    preload = "torch,tests.integration.scripts.slow_import"
+    common = ["--nnodes", "1:2", "--rdzv-endpoint", etcd_endpoint, "--rdzv-id", run_id,
+              "--rescale-mode", "restart", "--preload", preload]
+    agents = []
+    try:
+        for name in ("first", "second"):
+            env = {"SLOW_IMPORT_S": "3", "SLOW_IMPORT_DONE": str(tmp_path / f"{name}.imported")}
+            agents.append(Agent([*common, "--log-dir", tmp_path / name, STEPS, "--stop-file", stop],
+                                tmp_path, name, mark, env=env))
+            world = len(agents)
+            wait_for(lambda: f"world={world} rank={world - 1}" in agents[0].output()
+                     + agents[-1].output(), timeout=120, what=f"training in a world of {world}")
+        joined = {name: next(e["time"] for e in read_events(tmp_path / name)
+                             if e["event"] == "joined") for name in ("first", "second")}
+        imported = {name: float((tmp_path / f"{name}.imported").read_text())
+                    for name in ("first", "second")}
+        assert joined["first"] < imported["first"]
+        assert joined["second"] >= imported["second"]
+        stop.touch()
+        assert [a.wait(60) for a in agents] == [0, 0]
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert processes_with_mark(mark) == []
