@@ -294,12 +294,18 @@ def run_one(args, endpoint: str, n: int, scheme: str, logs: Path) -> dict:
             return result
         left = n - 1
         index = 0
+        records = []
         while left > 0:
             count = min(args.per_process, left)
-            hosts.append(Host(args, endpoint, run_id, scheme, f"h{index:03d}", count, n, logs))
+            host = Host(args, endpoint, run_id, scheme, f"h{index:03d}", count, n, logs)
+            hosts.append(host)
+            # The next host once this one's agents registered: a start paced by what the machine
+            # can do (the figures count from the last registration, not from the first start).
+            got = collect([host], lambda r, c=count: sum(
+                1 for x in r if x["event"] == "registered") >= c, args.timeout)
+            records.extend(got or [])
             left -= count
             index += 1
-        records = []
 
         def formed(new):
             records.extend(new)
