@@ -27,25 +27,25 @@ The machine: 2 cores for all N agents, etcd and this script. At large N the time
 about this machine's CPU than about the design; the per-agent rates do not depend on it.
 
 Measured here (2 cores, CPU only; `--sizes 100,500,1000 --before-max 100 --rest 10 --timeout
-300`, one repetition; N=10 from `--sizes 10 --rest 10`):
+300`, one repetition):
 
       N scheme    form s   kill s  etcd req/agent/s  probes/agent/s
-     10 now         0.05     1.01              0.76            2.00   (before the random phase,
-                                                                     the kept connections and
-                                                                     the node-count read)
-     10 before      0.08     0.13              9.65            8.55
-    100 now         0.01     0.36              1.26            1.95
-    100 before      0.92     3.49              2.38            5.78   (CPU-bound: its 0.1 s passes
-                                                                     and 99 probes/s per agent
-                                                                     could not keep up)
-    500 now            -        -                 -               -   did not form within 300 s
-   1000 now            -        -                 -               -   did not form within 300 s
+    100 now         0.02     0.58              1.27            1.93
+    100 before      2.11     2.00              3.06            5.35   (CPU-bound: its 0.1 s passes
+                                                                     and 99 probes/s per agent)
+    500 now         7.98     9.25              1.21            1.95   (CPU-bound: 500 agents' loops,
+                                                                     probes and keep-alives fill
+                                                                     both cores)
+   1000 now            -        -                 -               -   not reached: past ~550
+                                                                     agents the machine's load
+                                                                     passed 400 and lease
+                                                                     keep-alives starved (5,000+
+                                                                     leases lost) while hosts
+                                                                     were still starting
 
-At 500 and 1,000 agents this machine does not finish: while hundreds of agents register at once,
-their lease keep-alive threads are starved past the 10 s TTL (195 leases lost, etcd calls timing
-out), so registrations churn and no round of N forms. What each agent does per second at rest
-does not grow with N (0.76 -> 1.26 requests as the confirming reads were added, 2 probes); the
-start-up does (each joining agent reads the whole job three times; docs/design.md).
+The per-agent rates do not grow with N; the times at 500 are this machine's CPU. A newcomer reads
+the job once (its watch's read) and every later change arrives on the watch; host processes start
+one after another, each once the previous one's agents registered.
 
     python benchmarks/rendezvous_scale.py [--sizes 10,100,500,1000] [--reps 1] [--rest 10]
                                           [--per-process 25] [--before-max 100] [--timeout 300]
