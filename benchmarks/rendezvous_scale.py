@@ -26,8 +26,10 @@ Schemes, alternated within each repetition:
 The machine: 2 cores for all N agents, etcd and this script. At large N the times below say more
 about this machine's CPU than about the design; the per-agent rates do not depend on it.
 
-Measured here (2 cores, CPU only; `--sizes 100,500,1000 --before-max 100 --rest 10 --timeout
-300`, one repetition):
+Measured here (2 cores, CPU only, one repetition): N=100 and 500 with `--sizes 100,500,1000
+--before-max 100 --rest 10 --timeout 300`, when every host process was started at once (that
+run was stopped during N=1000); N=1000 with `--sizes 1000 --before-max 0 --rest 10 --timeout
+300`, host processes started one after another as they are now:
 
       N scheme    form s   kill s  etcd req/agent/s  probes/agent/s
     100 now         0.02     0.58              1.27            1.93
@@ -44,8 +46,9 @@ Measured here (2 cores, CPU only; `--sizes 100,500,1000 --before-max 100 --rest 
                                                                      were still starting
 
 The per-agent rates do not grow with N; the times at 500 are this machine's CPU. A newcomer reads
-the job once (its watch's read) and every later change arrives on the watch; host processes start
-one after another, each once the previous one's agents registered.
+the job once (its watch's read) and every later change arrives on the watch. Host processes now
+start one after another, each once the previous one's agents registered (the 100 and 500 rows
+predate that; the figures count from the last registration either way).
 
     python benchmarks/rendezvous_scale.py [--sizes 10,100,500,1000] [--reps 1] [--rest 10]
                                           [--per-process 25] [--before-max 100] [--timeout 300]
