@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -100,6 +101,27 @@ def _broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
             size += view.numel()
 
 
+class _BackgroundCopy:
+    """`_clone(source)` on a thread, handed to `deliver` there; finish() waits for it."""
+
+    def __init__(self, source: Any, deliver: Callable[[Any], None]) -> None:
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(source, deliver),
+                                        name="elastic-state-copy", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Any, deliver: Callable[[Any], None]) -> None:
+        try:
+            deliver(_clone(source))
+        except BaseException as exc:  # raised in the thread that waits
+            self._error = exc
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class ElasticState:
     """Model, optimizer, scheduler, sampler and user fields, with a committed snapshot.
 
@@ -122,7 +144,8 @@ class ElasticState:
         self.plan = plan  # the batch plan of the world this process runs in
         self.fingerprint = model_fingerprint(model)
         self._plan_callbacks: list[Callable[[Optional[BatchPlan], BatchPlan], None]] = []
-        self._committed: dict[str, Any] = {}
+        self._snapshot: dict[str, Any] = {}
+        self._copying: Optional[_BackgroundCopy] = None
         self._checkpointer: Optional[AsyncCheckpointer] = None
         self.commit()
 
@@ -150,6 +173,23 @@ class ElasticState:
 
     # -- in memory ---------------------------------------------------------------------------
 
+    @property
+    def _committed(self) -> dict[str, Any]:
+        self._settle()
+        return self._snapshot
+
+    @_committed.setter
+    def _committed(self, snapshot: dict[str, Any]) -> None:
+        self._settle()
+        object.__setattr__(self, "_snapshot", snapshot)
+
+    def _settle(self) -> None:
+        """Finish the snapshot copy load() left running, if any."""
+        copying = self.__dict__.get("_copying")
+        if copying is not None:
+            object.__setattr__(self, "_copying", None)
+            copying.finish()
+
     def _live(self) -> dict[str, Any]:
         if self.sampler is not None:
             self.sampler.commit()
@@ -175,7 +215,9 @@ class ElasticState:
     def restore(self) -> None:
         """Roll the live state back to the last commit (gradients of the steps rolled back are
         dropped too, or the step trained again would add to them)."""
-        snap = self._committed
+        self._restore(self._committed)
+
+    def _restore(self, snap: dict[str, Any]) -> None:
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(snap["model"])
         if self.optimizer is not None and snap["optimizer"] is not None:
@@ -275,18 +317,32 @@ class ElasticState:
         Raises:
             CheckpointCorrupted, CheckpointMismatch: see `load_checkpoint`.
         """
-        state = load_checkpoint(path, fingerprint=self.fingerprint, weights_only=weights_only)
+        # Mapped, not read: the check just brought the file into the page cache, and the
+        # snapshot's copy is made from it in the background (_adopt).
+        state = load_checkpoint(path, fingerprint=self.fingerprint, weights_only=weights_only,
+                                mmap=True)
         try:
             missing = [p for p in PARTS if p not in state]
             if missing:
                 raise ValueError(f"state lacks {missing}; it was not made by ElasticState")
-            # The tensors just read belong to nobody else: they become the committed snapshot
-            # as they are (load_state_dict would copy them once more).
-            self._committed = {p: state[p] for p in PARTS}
-            self.restore()
+            self._adopt({p: state[p] for p in PARTS})
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointMismatch(f"checkpoint {path} does not fit this training state: "
                                      f"{exc}") from exc
+
+    def _adopt(self, mapped: dict[str, Any]) -> None:
+        """Make `mapped` (a checkpoint's parts, their tensors mapped from the file) the live
+        state at once and the committed snapshot in the background.
+
+        The model copies the mapped tensors into its parameters and the optimizer gets its own
+        copy, as restore() does; the snapshot's copy is made on a thread while the caller goes
+        on (data loaders, the first forward and backward), and whatever reads the snapshot
+        waits for it. Nothing writes into the mapped pages meanwhile, and once copied the file
+        is no longer mapped.
+        """
+        self._restore(mapped)
+        self._committed = snapshot = {p: None for p in PARTS}
+        object.__setattr__(self, "_copying", _BackgroundCopy(mapped, snapshot.update))
 
     # -- joining a job -----------------------------------------------------------------------
 

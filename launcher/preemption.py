@@ -1,6 +1,7 @@
-"""Preemption notices: word that this node is about to be taken away, from any of three sources.
+"""Preemption notices: word that this node is about to be taken away, from any source.
 
-Sources (the first notice wins):
+Sources (the first notice wins; more are plugged in as `NoticeSource`s, e.g. the Kubernetes one
+in integrations/kubernetes):
     sigterm   the agent's SIGTERM handler calls `NoticeWatcher.notify_signal`.
     file      a path whose appearance is the notice (a drain hook can `touch` it); its content, if
               any, is the detail. It is read when first seen: write elsewhere and rename onto it.
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Protocol, Tuple
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,23 @@ ParseResult = Optional[Tuple[str, Optional[float]]]
 
 class MetadataResponseError(ValueError):
     """A metadata response that fits none of its preset's conventions."""
+
+
+class NoticeSourceError(Exception):
+    """A source that cannot be read now; the message says what to check. Polling goes on."""
+
+
+class NoticeSource(Protocol):
+    """One place a notice can come from, polled every poll_interval on the watcher's thread."""
+
+    name: str   # the Notice's source, e.g. "file", "metadata", "kubernetes"
+
+    def check(self) -> ParseResult:
+        """(detail, deadline or None) once this node is to go away, None until then.
+
+        Raises:
+            NoticeSourceError: the source cannot be read now (warned once per distinct message).
+        """
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,7 @@ class NoticeConfig:
     metadata_preset: str = "generic"       # --preemption-preset: aws | gce | generic
     poll_interval: float = DEFAULT_POLL_INTERVAL_S   # --preemption-poll-interval
     default_grace: float = DEFAULT_GRACE_S           # --preemption-grace
+    extra: Tuple[NoticeSource, ...] = ()             # plugged-in sources (--preemption-k8s)
 
     def __post_init__(self):
         if self.notice_file == "":
@@ -175,6 +194,16 @@ class NoticeConfig:
         preset = make_preset(self.metadata_preset, self.metadata_url)
         return preset if preset.url else None
 
+    def sources(self) -> Tuple[NoticeSource, ...]:
+        """What to poll, in order: the notice file, the metadata endpoint, the plugged-in ones."""
+        found: list = []
+        if self.notice_file is not None:
+            found.append(FileSource(self.notice_file))
+        preset = self.metadata()
+        if preset is not None:
+            found.append(MetadataSource(preset, min(self.poll_interval, MAX_HTTP_TIMEOUT_S)))
+        return (*found, *self.extra)
+
 
 def fetch(url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, bytes]:
     """GET url directly (no proxy from the environment: metadata servers are link-local)."""
@@ -190,9 +219,59 @@ def fetch(url: str, headers: Mapping[str, str], timeout: float) -> Tuple[int, by
         conn.close()
 
 
+class FileSource:
+    """--preemption-file: the file's appearance is the notice, its text the detail."""
+
+    name = FILE
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def check(self) -> ParseResult:
+        detail = self._read()
+        if detail == "":
+            # Maybe seen between its creation and the write of its text (`echo x > file`):
+            # a moment later the text is there, if it has any.
+            time.sleep(EMPTY_FILE_SETTLE_S)
+            detail = self._read() or ""
+        return None if detail is None else (detail, None)
+
+    def _read(self) -> Optional[str]:
+        try:
+            with open(self.path, "rb") as f:
+                return _text(f.read(MAX_DETAIL_BYTES))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise NoticeSourceError(
+                f"preemption notice file {self.path} cannot be read ({exc}); polling goes on; "
+                f"check --preemption-file") from None
+
+
+class MetadataSource:
+    """--preemption-url / --preemption-preset: an HTTP endpoint read through its preset."""
+
+    name = METADATA
+
+    def __init__(self, preset: MetadataPreset, timeout: float) -> None:
+        self.preset, self.timeout = preset, timeout
+
+    def check(self) -> ParseResult:
+        preset = self.preset
+        try:
+            return preset.parse(*fetch(preset.url, preset.headers, self.timeout))
+        except (OSError, http.client.HTTPException) as exc:
+            problem = f"cannot reach it ({str(exc) or type(exc).__name__})"
+        except MetadataResponseError as exc:
+            problem = str(exc)
+        raise NoticeSourceError(
+            f"preemption metadata endpoint {preset.url} ({preset.name}): {problem}; polling goes "
+            f"on; check --preemption-url and --preemption-preset")
+
+
 class NoticeWatcher:
-    """Polls the notice file and the metadata endpoint on a daemon thread, and hands the first
-    notice from any source (those two, or notify_signal) to on_notice, once."""
+    """Polls the configured sources on a daemon thread and hands the first notice from any of
+    them (or from notify_signal) to on_notice, once."""
 
     def __init__(self, config: NoticeConfig, on_notice: Callable[[Notice], None],
                  clock: Callable[[], float] = time.time,
@@ -201,7 +280,7 @@ class NoticeWatcher:
         self._on_notice = on_notice
         self._clock = clock
         self._warn = warn
-        self._preset = config.metadata()
+        self._sources = config.sources()
         self._timeout = min(config.poll_interval, MAX_HTTP_TIMEOUT_S)
         self._problems: Dict[str, Optional[str]] = {}
         # notify_signal runs in a signal handler, which may interrupt this very thread inside
@@ -217,8 +296,8 @@ class NoticeWatcher:
         return self._notice
 
     def start(self) -> None:
-        """Start polling; without a notice file or a metadata endpoint there is nothing to poll."""
-        if self.config.notice_file is not None or self._preset is not None:
+        """Start polling, if there is any source to poll."""
+        if self._sources:
             self._thread.start()
 
     def stop(self) -> None:
@@ -232,49 +311,22 @@ class NoticeWatcher:
         return self._deliver(signame.lower(), signame, None)
 
     def check_once(self) -> Optional[Notice]:
-        """Look at the file, then the endpoint; returns the notice that won, or None yet."""
-        if self._notice is not None:
-            return self._notice
-        if self.config.notice_file is not None:
-            detail = self._read_file(self.config.notice_file)
-            if detail == "":
-                # Maybe seen between its creation and the write of its text (`echo x > file`):
-                # a moment later the text is there, if it has any.
-                time.sleep(EMPTY_FILE_SETTLE_S)
-                detail = self._read_file(self.config.notice_file) or ""
-            if detail is not None:
-                return self._deliver(FILE, detail, None)
-        if self._preset is not None:
-            found = self._poll(self._preset)
+        """Look at every source in order; returns the notice that won, or None yet."""
+        for source in self._sources:
+            if self._notice is not None:
+                break
+            found = problem = None
+            try:
+                found = source.check()
+            except NoticeSourceError as exc:
+                problem = str(exc)
+            except Exception as exc:  # a broken plug-in must not stop the other sources
+                problem = (f"preemption source {source.name} failed ({type(exc).__name__}: "
+                           f"{exc}); polling goes on")
+            self._report(source.name, problem)
             if found is not None:
-                return self._deliver(METADATA, found[0], found[1])
-        return None
-
-    def _read_file(self, path: str) -> Optional[str]:
-        content = problem = None
-        try:
-            with open(path, "rb") as f:
-                content = _text(f.read(MAX_DETAIL_BYTES))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            problem = (f"preemption notice file {path} cannot be read ({exc}); polling goes on; "
-                       f"check --preemption-file")
-        self._report(FILE, problem)
-        return content
-
-    def _poll(self, preset: MetadataPreset) -> ParseResult:
-        found = problem = None
-        try:
-            found = preset.parse(*fetch(preset.url, preset.headers, self._timeout))
-        except (OSError, http.client.HTTPException) as exc:
-            problem = f"cannot reach it ({str(exc) or type(exc).__name__})"
-        except MetadataResponseError as exc:
-            problem = str(exc)
-        self._report(METADATA, problem and (
-            f"preemption metadata endpoint {preset.url} ({preset.name}): {problem}; polling goes "
-            f"on; check --preemption-url and --preemption-preset"))
-        return found
+                return self._deliver(source.name, found[0], found[1])
+        return self._notice
 
     def _report(self, source: str, problem: Optional[str]) -> None:
         last = self._problems.get(source)

@@ -117,6 +117,39 @@ def test_save_load_resumes_at_the_same_step_and_position(tmp_path):
     assert_same(snapshot(fresh), snapshot(state))
 
 
+def test_after_load_training_on_and_restoring_brings_back_the_checkpoint(tmp_path, monkeypatch):
+    """load() makes the committed snapshot's copy on a thread: steps taken meanwhile must not
+    leak into it, and a save meanwhile writes the checkpoint's state."""
+    state = make_state()
+    train(state, 3)
+    state.commit()
+    committed = snapshot(state)
+    state.save(tmp_path / "ckpt.pt")
+
+    from elastic import state as state_module
+    release = threading.Event()
+    clone = state_module._clone
+
+    def clone_later_in_the_background(obj):
+        if threading.current_thread().name == "elastic-state-copy":
+            assert release.wait(10)
+        return clone(obj)
+
+    monkeypatch.setattr(state_module, "_clone", clone_later_in_the_background)
+    fresh = make_state(seed=99)
+    fresh.load(tmp_path / "ckpt.pt")
+    assert_same(snapshot(fresh), committed)
+    train(fresh, 2)  # the snapshot is still being copied
+    assert fresh.step == 5
+    release.set()
+    fresh.save(tmp_path / "again.pt")
+    fresh.restore()
+    assert_same(snapshot(fresh), committed)
+    other = make_state(seed=7)
+    other.load(tmp_path / "again.pt")
+    assert_same(snapshot(other), committed)
+
+
 def _digest_offset(data: bytes) -> int:
     return data.rindex(b'"digest": "') + len(b'"digest": "') + 3
 
