@@ -2,7 +2,8 @@
 the official client (no real API server can run on the test machines).
 
 What the emulator lacks is filled in here, not in the product:
-- label selectors (`?labelSelector=`): it ignores them, so list and watch are filtered here;
+- label selectors (`?labelSelector=`) and the field selector `metadata.name=` (what a pod
+  watching itself asks for): it ignores them, so list and watch are filtered here;
 - graceful deletion: it removes an object at once unless the object has finalizers. A real API
   server keeps a pod, with its deletionTimestamp set, for its grace period while the kubelet
   stops it; `add_pod` puts the finalizer KUBELET on every pod to stand in for that, and
@@ -60,22 +61,32 @@ def _split(selector: str):
     yield selector[start:]
 
 
+def _selected(request, obj: dict) -> bool:
+    params = request.params or {}
+    meta = obj.get("metadata", {})
+    labels, fields = params.get("labelSelector"), params.get("fieldSelector")
+    if labels and not _matches(labels, meta.get("labels") or {}):
+        return False
+    if fields:
+        for term in fields.split(","):
+            key, _, value = term.partition("=")
+            if key.strip() != "metadata.name":
+                raise ValueError(f"the test emulator filters only metadata.name, not {key}")
+            if meta.get("name") != value.strip():
+                return False
+    return True
+
+
 class _Emulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request):
         listed = await super()._serve_list(request)
-        selector = request.params.get("labelSelector") if request.params else None
-        if selector:
-            listed["items"] = [o for o in listed["items"]
-                               if _matches(selector, o.get("metadata", {}).get("labels") or {})]
+        listed["items"] = [o for o in listed["items"] if _selected(request, o)]
         return listed
 
     async def _serve_watch(self, request):
-        selector = request.params.get("labelSelector") if request.params else None
         async for event in super()._serve_watch(request):
-            if selector and isinstance(event, dict):
-                labels = event.get("object", {}).get("metadata", {}).get("labels") or {}
-                if not _matches(selector, labels):
-                    continue
+            if isinstance(event, dict) and not _selected(request, event.get("object", {})):
+                continue
             yield event
 
 
@@ -107,9 +118,10 @@ class KubeAPI:
             await self._stopped.wait()
 
     def close(self) -> None:
+        """Stop serving; open watch streams may keep the (daemon) thread a little longer."""
         if self._stopped is not None:
             self._loop.call_soon_threadsafe(self._stopped.set)
-        self._thread.join(10)
+        self._thread.join(2)
 
     def kubeconfig(self, directory: Path, namespace: str = "default") -> Path:
         """A kubeconfig file that points the official client (and our CLIs) at the emulator."""
