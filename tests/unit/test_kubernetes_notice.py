@@ -6,7 +6,7 @@ import pytest
 
 from launcher.preemption import NoticeConfig, NoticeWatcher
 
-from tests.kube import KubeAPI, kube  # noqa: F401  (the fixture)
+from tests.kube import kube  # noqa: F401  (the fixture)
 
 from kubernetes import client  # noqa: E402  (after tests.kube skips without it)
 
