@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from elastic.flags import RDZV_CONF_KEYS, UsageError, build_parser
+from elastic.flags import (RDZV_CONF_KEYS, EnvFlag, UsageError, blame_env, build_parser,
+                           parse_with_torchrun_env)
 from elastic.torchrun_compat import (IGNORED_CONF, SECURITY_CONF, CompatError, RendezvousPlan,
                                      console_quiet, ignored_note, parse_bool, rendezvous_plan,
                                      resolve_nproc)
@@ -191,9 +192,19 @@ def _check_module(name: str) -> None:
                          "directory that contains it")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def parse_args(argv: Optional[List[str]] = None,
+               environ: Optional[Mapping[str, str]] = None) -> RunConfig:
+    """The command line (torchrun's flags left out of it read from $PET_<FLAG>, as torchrun
+    does; environ defaults to os.environ) checked into a RunConfig."""
+    environ = os.environ if environ is None else environ
+    args, from_env = parse_with_torchrun_env(build_parser(), argv, environ)
+    try:
+        return _config(args, from_env)
+    except UsageError as exc:
+        raise UsageError(blame_env(str(exc), from_env)) from None
+
+
+def _config(args, from_env: Tuple[EnvFlag, ...]) -> RunConfig:
     low, high = parse_nnodes(args.nnodes)
     try:
         nproc, nproc_note = resolve_nproc(args.nproc_per_node)
@@ -227,6 +238,9 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
     if args.backend == "horovod":
         _check_horovod_backend(args)
     notes = [n for n in (nproc_note, ignored_note(args, ignored_conf)) if n]
+    if from_env:
+        notes.append("from torchrun's environment variables: "
+                     + ", ".join(f"{u.variable}={u.text}" for u in from_env))
     if args.master_addr is not None and plan.backend != "static":
         notes.append(f"--master-addr is used by a static rendezvous only; with {plan.backend} "
                      "the rank-0 store is on the node holding rank 0, at its --local-addr")

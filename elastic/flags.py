@@ -1,10 +1,14 @@
 """The flags of `python -m elastic.run`: names (with torchrun's spellings), defaults and help.
 
-Parsing and checking them into a `RunConfig` is `elastic.cli`'s job.
+Parsing and checking them into a `RunConfig` is `elastic.cli`'s job. As torchrun, a torchrun flag
+left off the command line is read from $PET_<FLAG> (`parse_with_torchrun_env`).
 """
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Tuple
 
 from elastic.torchrun_compat import BACKENDS, add_torchrun_flags
 
@@ -152,3 +156,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script", help="training script (or module with -m, or executable)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
+
+
+# torchrun reads each of these flags from PET_<NAME> (NAME upper case) when the command line leaves
+# it out (torch.distributed.argparse_util's env and check_env actions); Kubeflow's PyTorchJob sets
+# them. Our own flags, and torchrun's --logs-specs and --numa-binding, are not read from it.
+TORCHRUN_ENV_PREFIX = "PET_"
+TORCHRUN_ENV_FLAGS = frozenset({
+    "nnodes", "nproc_per_node", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "rdzv_conf",
+    "standalone", "max_restarts", "monitor_interval", "start_method", "event_log_handler", "role",
+    "module", "no_python", "run_path", "log_dir", "redirects", "tee", "local_ranks_filter",
+    "duplicate_stdout_filters", "duplicate_stderr_filters", "node_rank", "master_addr",
+    "master_port", "local_addr", "signals_to_handle", "shutdown_timeout", "virtual_local_rank",
+})
+_FROM_COMMAND_LINE_OR_ENV = object()  # the parse-time default of those flags
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class EnvFlag:
+    """A flag's value taken from torchrun's environment variable."""
+    variable: str  # PET_NNODES
+    flags: Tuple[str, ...]  # ("--nnodes",)
+    text: str
+
+    def named_in(self, message: str) -> bool:
+        return any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message)
+                   for flag in self.flags if flag.startswith("--"))
+
+
+def parse_with_torchrun_env(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                            environ: Mapping[str, str]):
+    """Parse argv; each torchrun flag it leaves out comes from $PET_<FLAG> when that is set and not
+    empty, else has its default. Returns (args, the EnvFlags used).
+
+    Raises:
+        UsageError: a bad flag, or a PET_ value its flag would refuse (the message names the
+            variable).
+    """
+    actions = [a for a in parser._actions if a.dest in TORCHRUN_ENV_FLAGS]
+    defaults = {a.dest: a.default for a in actions}
+    parser.set_defaults(**dict.fromkeys(defaults, _FROM_COMMAND_LINE_OR_ENV))
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**defaults)
+    used = []
+    for action in actions:
+        if getattr(args, action.dest) is not _FROM_COMMAND_LINE_OR_ENV:
+            continue
+        variable = TORCHRUN_ENV_PREFIX + action.dest.upper()
+        text = environ.get(variable, "").strip()
+        if not text:
+            setattr(args, action.dest, defaults[action.dest])
+            continue
+        setattr(args, action.dest, _env_value(parser, action, variable, text))
+        used.append(EnvFlag(variable, tuple(action.option_strings), text))
+    return args, tuple(used)
+
+
+def _env_value(parser, action: argparse.Action, variable: str, text: str):
+    """text converted as the command line would convert it; refused as it would be."""
+    flags = "/".join(action.option_strings)
+    hint = f"; run `{parser.prog} --help` to see the flags"
+    if action.nargs == 0:  # a switch: torchrun reads 1 or 0
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise UsageError(f"{variable}={text!r}: expected 1 or 0 (as torchrun) for "
+                         f"{action.option_strings[-1]}")
+    value = text
+    if action.type is not None:
+        try:
+            value = action.type(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            name = getattr(action.type, "__name__", repr(action.type))
+            raise UsageError(f"{variable}: argument {flags}: invalid {name} value: "
+                             f"{text!r}{hint}") from None
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        raise UsageError(f"{variable}: argument {flags}: invalid choice: {text!r} (choose from "
+                         f"{choices}){hint}")
+    return value
+
+
+def blame_env(message: str, used: Sequence[EnvFlag]) -> str:
+    """A flag's error message, prefixed with the PET_ variables of the flags it names."""
+    variables = [u.variable for u in used if u.named_in(message)]
+    return f"{', '.join(variables)}: {message}" if variables else message
