@@ -326,11 +326,19 @@ def _check_horovod_backend(args) -> None:
 def _notice_config(args):
     from launcher.preemption import NoticeConfig
 
+    extra = ()
+    if getattr(args, "preemption_k8s", False):
+        try:
+            from integrations.kubernetes.notice import make_source
+            source = make_source()
+        except ImportError as exc:
+            raise UsageError(f"--preemption-k8s: {exc}") from None
+        extra = (source,) if source is not None else ()
     try:
         return NoticeConfig(notice_file=args.preemption_file, metadata_url=args.preemption_url,
                             metadata_preset=args.preemption_preset,
                             poll_interval=args.preemption_poll_interval,
-                            default_grace=args.preemption_grace)
+                            default_grace=args.preemption_grace, extra=extra)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

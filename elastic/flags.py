@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preemption-grace", type=float, default=30.0,
                    help="seconds a notice without its own deadline (SIGTERM, the file, gce) "
                         "gives this node to leave (default 30)")
+    p.add_argument("--preemption-k8s", action="store_true",
+                   help="in a Kubernetes pod: its deletion or eviction, a DisruptionTarget "
+                        "condition, or a node-termination taint on its node is a notice (the pod "
+                        "is $POD_NAME in $POD_NAMESPACE; needs the [kubernetes] extra)")
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without step progress after which a worker counts as hung: its "
                         "stacks are dumped to its log, it is killed and the round re-forms "

@@ -4,10 +4,11 @@ the official client (no real API server can run on the test machines).
 What the emulator lacks is filled in here, not in the product:
 - label selectors (`?labelSelector=`) and the field selector `metadata.name=` (what a pod
   watching itself asks for): it ignores them, so list and watch are filtered here;
-- graceful deletion: it removes an object at once unless the object has finalizers. A real API
-  server keeps a pod, with its deletionTimestamp set, for its grace period while the kubelet
-  stops it; `add_pod` puts the finalizer KUBELET on every pod to stand in for that, and
-  `finish_pod` (the kubelet done) removes it.
+- graceful deletion: it removes an object at once unless the object has finalizers, and then
+  stamps deletionTimestamp with the current time. A real API server keeps a pod for its grace
+  period while the kubelet stops it, with deletionTimestamp = now + grace: `add_pod` puts the
+  finalizer KUBELET on every pod to stand in for the kubelet, `delete_pod` deletes as the API
+  server does, and `finish_pod` (the kubelet done) removes the pod.
 """
 from __future__ import annotations
 
@@ -156,6 +157,18 @@ class KubeAPI:
         if conditions is not None:
             status["conditions"] = conditions
         return self.core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
+    def delete_pod(self, name: str, namespace: str = "default") -> Any:
+        """A graceful deletion (an eviction, a drain): the pod stays until finish_pod, marked to
+        be killed after its grace period."""
+        import datetime
+
+        pod = self.core.read_namespaced_pod(name, namespace)
+        grace = pod.spec.termination_grace_period_seconds
+        grace = 30 if grace is None else grace
+        when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=grace)
+        return self.core.patch_namespaced_pod(name, namespace, {"metadata": {
+            "deletionTimestamp": when.isoformat(), "deletionGracePeriodSeconds": grace}})
 
     def finish_pod(self, name: str, namespace: str = "default") -> None:
         """The kubelet has stopped a deleted pod: it goes away."""

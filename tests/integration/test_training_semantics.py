@@ -39,7 +39,7 @@ class Job:
         tmp.write_text(str(steps))
         tmp.replace(self.allowance)
 
-    def start(self, name, nnodes="1:3", nproc=1, extra=()):
+    def start(self, name, nnodes="1:3", nproc=1, extra=(), env=None):
         args = ["--nnodes", nnodes, "--nproc-per-node", nproc, "--rdzv-endpoint", self.endpoint,
                 "--rdzv-id", self.run_id, "--rdzv-conf",
                 "last_call_timeout=0.5,join_settle=0.3,lease_ttl=60",
@@ -47,7 +47,7 @@ class Job:
                 SCRIPT, "--checkpoint", self.checkpoint, "--out", self.out,
                 "--record-dir", self.records, "--allowance-file", self.allowance,
                 "--epochs", EPOCHS, "--dataset", DATASET]
-        agent = Agent(args, self.tmp, name, self.mark)
+        agent = Agent(args, self.tmp, name, self.mark, env=env)
         self.agents.append(agent)
         return agent
 

@@ -92,9 +92,10 @@ def test_an_eviction_reaches_the_watcher_through_the_api_server(kube):
     source, watcher, notices, warnings = watcher_for(kube, "evicted")
     try:
         assert watcher.check_once() is None
-        kube.core.delete_namespaced_pod("evicted", "default")  # graceful: deletionTimestamp
+        kube.delete_pod("evicted")  # graceful: deletionTimestamp = now + 50 s
         notice = wait_for_notice(watcher)
         assert notice.source == "kubernetes" and "default/evicted is being deleted" in notice.detail
+        assert 45 < notice.deadline - notice.received_at <= 50
         assert notices == [notice] and warnings == []
     finally:
         source.close()
