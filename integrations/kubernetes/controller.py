@@ -100,8 +100,6 @@ def reconcile(desired: Optional[int], ended: bool, pods: Sequence[Any], nodes: S
               *, job: str) -> Plan:
     """The pass for the job's worker pods (V1Pod) and nodes (NodeStatus); desired None: the
     size is not known now (create and shrink nothing)."""
-    if ended:
-        return Plan(done=True, reasons={job: "the job has ended"})
     by_pod = {n.labels.get(POD_NODE_LABEL): n for n in nodes if n.labels.get(POD_NODE_LABEL)}
     live: List[Any] = []
     delete: List[str] = []
@@ -121,6 +119,8 @@ def reconcile(desired: Optional[int], ended: bool, pods: Sequence[Any], nodes: S
             reasons[name] = f"failed: {_exit_detail(pod)}"
         else:
             live.append(pod)
+    if ended:
+        return Plan(live=len(live), done=True, reasons={job: "the job has ended"})
     create: List[str] = []
     release: List[str] = []
     if desired is not None and desired > len(live):
@@ -299,12 +299,12 @@ class Controller:
                 self._set_desired(write)
         plan = self._paced(reconcile(desired, status is not None and status.outcome is not None,
                                      pods, nodes, job=self.job), nodes)
-        self._apply(plan)
         view = node_pods(nodes, pods)
         if view != self.view:
             log.info("job %s: %d live of %s wanted; %s", self.job, plan.live,
                      "?" if desired is None else desired, _view_line(view))
         self.view = view
+        self._apply(plan)
         return plan
 
     def _paced(self, plan: Plan, nodes: Sequence[Any]) -> Plan:
@@ -372,8 +372,13 @@ class Controller:
         Raises:
             UnknownJob: as tick.
         """
+        started = False
         while not stop.is_set():
             plan = self.tick()
+            if not started:  # after the first pass, so that an unknown job is all it says
+                log.info("job %s: worker pods in namespace %s, one pass every %g s", self.job,
+                         self.namespace, interval)
+                started = True
             if plan is not None and plan.done:
                 log.info("job %s has ended: no more pods are created; the controller stops",
                          self.job)
@@ -470,7 +475,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        log.info("job %s: worker pods in namespace %s, etcd %s", args.job, namespace, endpoint)
         return ctl.run(stop, args.interval)
     except UnknownJob as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,7 +5,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.kube import KubeAPI, kube  # noqa: F401  (the fixture)
+import tests.kube as kube_api  # skips this module without kmock or kubernetes
+
+kube = kube_api.kube  # the emulator fixture
 
 from kubernetes import client  # noqa: E402  (after tests.kube skips without it)
 
