@@ -54,6 +54,11 @@ PLAN_LR_WARMUP_STEPS = "ELASTIC_LR_WARMUP_STEPS"
 # Horovod workers (integrations.horovod)
 HOROVOD_ENDPOINTS = "ELASTIC_HOROVOD_ENDPOINTS"  # one rendezvous endpoint per local rank
 PLAN_URL = "ELASTIC_PLAN_URL"                    # where a worker asks for its current plan
+# GPUs (launcher.devices chooses them; elastic.gpu reads these in the worker)
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+CUDA_DEVICE_ORDER = "CUDA_DEVICE_ORDER"          # PCI_BUS_ID: CUDA numbers GPUs as nvidia-smi
+CUDA_DEVICE = "ELASTIC_CUDA_DEVICE"              # the worker's own device: cuda:<this>
+GPU_MEMORY_FRACTION = "ELASTIC_GPU_MEMORY_FRACTION"  # its share of that device's memory
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,11 @@ class Running:
 
 @dataclass(frozen=True)
 class Progress:
-    """The worker passed step boundaries (sent at most every few tenths of a second)."""
+    """The worker passed `steps` step boundaries (sent at most every few tenths of a second);
+    `committed`: steps of progress it had committed by then (metrics; None: not known)."""
 
     steps: int
+    committed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,14 @@ class CollectiveFailed:
     round: int
     error: str = ""
     traceback: str = ""
+    lost_steps: Optional[int] = None  # steps since the last commit, to be trained again
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    """The worker wrote a checkpoint in `duration_s` seconds (metrics)."""
+
+    duration_s: float
 
 
 # agent -> worker
@@ -166,9 +181,11 @@ class Leave:
     checkpoint: bool = False
 
 
-Message = Union[Hello, Ready, Running, Progress, CollectiveFailed, RoundMessage, Leave]
+Message = Union[Hello, Ready, Running, Progress, CollectiveFailed, CheckpointSaved, RoundMessage,
+                Leave]
 _TYPES = {"hello": Hello, "ready": Ready, "running": Running, "progress": Progress,
-          "collective_failed": CollectiveFailed, "round": RoundMessage, "leave": Leave}
+          "collective_failed": CollectiveFailed, "checkpoint_saved": CheckpointSaved,
+          "round": RoundMessage, "leave": Leave}
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 
