@@ -200,6 +200,17 @@ def test_the_controller_follows_the_job_and_the_job_chooses_who_leaves(
             assert f"deleted pod {worker(2)}: failed: container agent exited -9" in \
                 controller_log()
 
+            # A resize down: the job leaves its newest node out (a spare); the controller
+            # releases that spare, its agent exits 0 and its pod goes. Pod 0 is never touched.
+            spare = nodes_by_pod(client, job)[worker(1)].node_id
+            client.resize(job, 1)
+            until(lambda: worker(1) not in kubelet.pods(), "the left-out pod to be deleted")
+            assert kubelet.exits[worker(1)] == [0, 0]  # the released pod 1, then this one
+            assert f"released node {spare}: the job wants 1 workers, 2 live; pod {worker(1)} " \
+                "runs a spare the job left out" in controller_log()
+            assert list(nodes_by_pod(client, job)) == [worker(0)]
+            assert worker(0) not in kubelet.exits
+
             # The job ends: the controller creates nothing more, keeps the pods, exits 0.
             client.stop(job, reason="done")
             until(lambda: controller.poll() is not None, "the controller to exit")
@@ -208,7 +219,7 @@ def test_the_controller_follows_the_job_and_the_job_chooses_who_leaves(
             until(lambda: all(a.proc.poll() is not None for a in kubelet.agents.values()),
                   "every agent to exit")
             assert {n: p.status.phase for n, p in kubelet.sync().items()} == {
-                worker(0): "Succeeded", worker(1): "Succeeded"}
+                worker(0): "Succeeded"}
     finally:
         (tmp_path / "stop").touch()
         kubelet.stop()
