@@ -24,8 +24,16 @@ Rules (`reconcile` decides them, purely; the loop only reads and applies):
   pod likewise). Pods being deleted and pods of released nodes are leaving: neither live nor
   touched. New pods get `<job>-worker-<n>` with the lowest n no existing pod has, so a create
   that a stale view repeats meets the first one's name (409) instead of doubling up.
-- Once the job has ended (its outcome is written) nothing is created or deleted (the pods keep
-  their logs) and the controller exits 0; while a stop is requested nothing is created.
+- Pods that keep failing before their agent joins (a broken template or command line) are
+  replaced after a growing pause (`failure_pause`), as the kubelet backs off a crashing
+  container; the streak ends when a pod made since joins the job.
+- While a stop is requested nothing is created or deleted; once the job has ended (its outcome
+  is written) neither, the pods keep their logs, and the controller exits 0.
+- Agents must not run with --stay-as-spare: a released spare would stay, and be released again.
+
+Kubernetes or etcd out of reach: the pass is skipped with one warning per distinct problem, and
+the pods stay as they are. Exit codes: 0; 2 for bad input (arguments, the template, no
+Kubernetes configuration, an unknown job without --initial); 1 when --once could not read.
 """
 from __future__ import annotations
 
@@ -52,7 +60,6 @@ ETCD_TIMEOUT_S = 5.0
 FAILURE_PAUSE_S, FAILURE_PAUSE_MAX_S = 5.0, 300.0
 UNREACHABLE = 1
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_LABEL_VALUE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _TEMPLATE_METADATA_DROPPED = ("name", "generateName", "namespace", "uid", "resourceVersion",
                               "creationTimestamp", "deletionTimestamp", "ownerReferences")
 
@@ -108,8 +115,6 @@ def reconcile(desired: Optional[int], ended: bool, pods: Sequence[Any], nodes: S
     for pod in sorted(pods, key=pod_order):
         name, phase = pod.metadata.name, phase_of(pod)
         node = by_pod.get(name)
-        if phase == "Terminating" or (node is not None and node.state == "released"):
-            continue
         if phase == "Succeeded":
             delete.append(name)
             reasons[name] = "exited 0: its agent left the job"
@@ -117,7 +122,7 @@ def reconcile(desired: Optional[int], ended: bool, pods: Sequence[Any], nodes: S
             delete.append(name)
             failed.append(name)
             reasons[name] = f"failed: {_exit_detail(pod)}"
-        else:
+        elif phase != "Terminating" and (node is None or node.state != "released"):
             live.append(pod)
     if ended:
         return Plan(live=len(live), done=True, reasons={job: "the job has ended"})
@@ -158,12 +163,11 @@ class TemplateError(ValueError):
 
 
 def check_names(job: str) -> None:
-    """Raises TemplateError when `<job>-worker-<n>` cannot name a pod or label it."""
+    """Raises TemplateError when `<job>-worker-<n>` cannot name a pod (a DNS label, which is a
+    valid label value too)."""
     if not _DNS_LABEL.fullmatch(job) or len(pod_name(job, 99999)) > 63:
-        raise TemplateError(f"job {job!r} cannot name pods ({pod_name(job, 0)}): use lowercase "
-                            "letters, digits and '-', at most 50 characters")
-    if not _LABEL_VALUE.fullmatch(job):
-        raise TemplateError(f"job {job!r} is not a valid label value")
+        raise TemplateError(f"job {job!r} cannot name pods ({pod_name(job, 0)}) nor label them: "
+                            "use lowercase letters, digits and '-', at most 50 characters")
 
 
 def load_template(path: str) -> Dict[str, Any]:

@@ -174,6 +174,12 @@ def test_the_controller_follows_the_job_and_the_job_chooses_who_leaves(
             assert view["created"] == view["deleted"] == view["released"] == []
             assert sorted((r["pod"], r["state"], r["phase"]) for r in view["pods"]) == [
                 (worker(n), "active", "Running") for n in range(3)]
+            table = command("controller", "--job", job, "--rdzv-endpoint", etcd_endpoint,
+                            "--template", template, "--kubeconfig", config, "--once")
+            assert table.returncode == 0, table.stderr
+            header, *rows = table.stdout.splitlines()
+            assert header.split() == ["POD", "PHASE", "K8S", "NODE", "JOB", "NODE", "STATE"]
+            assert sorted(r.split()[0] for r in rows) == [worker(n) for n in range(3)]
 
             # Release the node in pod 1: its agent leaves and exits 0, the controller deletes
             # the pod and makes no replacement (the release lowered the desired size).

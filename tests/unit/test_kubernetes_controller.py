@@ -86,6 +86,7 @@ def test_a_released_pod_is_leaving_then_deleted_and_not_replaced_once_it_exited_
     p = plan(3, pods, nodes[:3])  # the agent left: its node is gone
     assert p.delete == names(3) and p.create == () and p.failed == ()
     assert "exited 0" in p.reasons[f"{JOB}-worker-3"]
+    assert plan(3, pods, nodes) == p  # its node's record outlived it: the same
 
 
 def test_a_failed_pod_is_deleted_and_replaced_under_a_free_name():
