@@ -30,9 +30,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .discovery import JOB_LABEL, POD_NODE_LABEL, ROLE_LABEL, SLOTS_ANNOTATION, WORKER_ROLE
+from .discovery import (JOB_LABEL, POD_NODE_LABEL, ROLE_LABEL, SLOTS_ANNOTATION, USAGE_ERROR,
+                        WORKER_ROLE)
 
-USAGE_ERROR = 2
 ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.17"
 CLIENT_PORT, PEER_PORT, METRICS_PORT = 2379, 2380, 2381
 DEFAULT_GRACE_S = 60
@@ -40,7 +40,6 @@ PRESTOP_PAUSE_S = 5  # SIGTERM waits this long: the agent's pod watch sees the d
 MIN_GRACE_S = PRESTOP_PAUSE_S + 10  # the rest is the time to reach a step boundary and leave
 TEMPLATE_DIR, TEMPLATE_KEY = "/etc/elastic", "pod.yaml"
 TLS_DIR = "/etc/etcd-tls"  # everywhere: not under /etc/elastic, the ConfigMap's read-only mount
-TLS_KEYS = ("ca.crt", "tls.crt", "tls.key")
 MAX_NAME = 47  # `<job>-etcd-<10-char revision hash>` must fit a 63-character label value
 POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"  # scheduler-plugins' coscheduling
 POD_GROUP_SCHEDULER = "scheduler-plugins-scheduler"  # its name when installed by its Helm chart
