@@ -51,6 +51,8 @@ class RunConfig:
     retention_s: float = 86400.0
     security: object = None  # rendezvous.connect.EtcdSecurity, or None
     preload: Tuple[str, ...] = ()  # modules of the node's zygote; () for none
+    gpus: object = None  # launcher.devices.GpuRequest
+    gpu_probe: str = "nvml"  # --gpu-probe: nvml, fake:PATH or none
 
 
 def parse_nnodes(text: str) -> Tuple[int, int]:
@@ -199,12 +201,12 @@ def parse_args(argv: Optional[List[str]] = None,
     environ = os.environ if environ is None else environ
     args, from_env = parse_with_torchrun_env(build_parser(), argv, environ)
     try:
-        return _config(args, from_env)
+        return _config(args, from_env, environ)
     except UsageError as exc:
         raise UsageError(blame_env(str(exc), from_env)) from None
 
 
-def _config(args, from_env: Tuple[EnvFlag, ...]) -> RunConfig:
+def _config(args, from_env: Tuple[EnvFlag, ...], environ: Mapping[str, str]) -> RunConfig:
     low, high = parse_nnodes(args.nnodes)
     try:
         nproc, nproc_note = resolve_nproc(args.nproc_per_node)
@@ -265,8 +267,28 @@ def _config(args, from_env: Tuple[EnvFlag, ...]) -> RunConfig:
         node_rank=args.node_rank, role=args.role, console_quiet=quiet, notes=tuple(notes),
         labels=parse_labels(args.node_label), stay_as_spare=args.stay_as_spare,
         retention_s=args.job_retention, security=security_conf(args.rdzv_conf),
-        preload=parse_preload(args.preload),
+        preload=parse_preload(args.preload), gpus=_gpu_request(args, environ),
+        gpu_probe=_gpu_probe(args.gpu_probe),
     )
+
+
+def _gpu_request(args, environ: Mapping[str, str]):
+    """--gpus-per-proc and --gpu-memory-fraction, within the user's CUDA_VISIBLE_DEVICES."""
+    from launcher.devices import DeviceError, GpuRequest
+
+    try:
+        return GpuRequest(gpus_per_proc=args.gpus_per_proc,
+                          memory_fraction=args.gpu_memory_fraction,
+                          visible=environ.get("CUDA_VISIBLE_DEVICES"))
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _gpu_probe(spec: str) -> str:
+    if spec in ("nvml", "none") or (spec.startswith("fake:") and len(spec) > len("fake:")):
+        return spec
+    raise UsageError(f"--gpu-probe {spec!r}: use nvml, fake:PATH (states recorded by `python -m "
+                     "integrations.nvml record`) or none")
 
 
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

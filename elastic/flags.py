@@ -120,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in a Kubernetes pod: its deletion or eviction, a DisruptionTarget "
                         "condition, or a node-termination taint on its node is a notice (the pod "
                         "is $POD_NAME in $POD_NAMESPACE; needs the [kubernetes] extra)")
+    p.add_argument("--gpus-per-proc", type=int, default=None, metavar="N",
+                   help="GPUs each worker has to itself: it sees only those (its first is "
+                        "cuda:0); 0: leave CUDA_VISIBLE_DEVICES alone. Default: every worker "
+                        "sees the node's best-connected healthy GPUs, one per local rank in "
+                        "rank order (its own is cuda:LOCAL_RANK, as torchrun scripts expect). "
+                        "A CUDA_VISIBLE_DEVICES already set is respected: GPUs are chosen "
+                        "among those it names")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
+                   help="share GPUs between workers: each sees one GPU, at most 1/F workers "
+                        "share one, and each may use F of its memory (applied through torch "
+                        "by integrations.torch.run, or elastic.gpu.setup() in a plain script)")
+    p.add_argument("--gpu-probe", default="nvml", metavar="nvml|fake:PATH|none",
+                   help="where this node's GPUs, their links and their health are read: nvml "
+                        "(default; without an NVIDIA driver the workers run on CPU), fake:PATH "
+                        "(states recorded by `python -m integrations.nvml record`, replayed; "
+                        "for tests), none (do not look). A GPU of the workers' that turns "
+                        "unhealthy (Xid, ECC) makes the node leave at the next step boundary; "
+                        "checked every --preemption-poll-interval")
     p.add_argument("--hang-timeout", type=float, default=None,
                    help="seconds without step progress after which a worker counts as hung: its "
                         "stacks are dumped to its log, it is killed and the round re-forms "

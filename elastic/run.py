@@ -42,6 +42,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def run(config: RunConfig) -> int:
     from launcher.agent import AgentConfig, ElasticAgent
+    from launcher.preemption import NoticeConfig
     from launcher.workers import WorkerSpec
     from rendezvous.api import RendezvousSettings
     from rendezvous.embedded import EmbeddedEtcd
@@ -58,7 +59,12 @@ def run(config: RunConfig) -> int:
                                   max_nodes=config.max_nodes, max_restarts=config.max_restarts,
                                   **conf)
     embedded = store = agent = recorded = None
-    closers = []
+    gpus = node_gpus(config)  # before etcd: a node whose GPUs cannot serve it never joins
+    closers = [gpus.close]
+    notices = config.notices
+    if gpus.health is not None:
+        notices = replace(notices or NoticeConfig(),
+                          extra=(*(notices.extra if notices else ()), gpus.health))
     try:
         endpoint = config.endpoint
         plan = config.rendezvous
@@ -82,15 +88,16 @@ def run(config: RunConfig) -> int:
             os.makedirs(config.log_dir, exist_ok=True)
         spec = WorkerSpec(argv=config.argv, nproc=config.nproc, log_dir=config.log_dir,
                           grace_period_s=config.grace_period, role=config.role,
-                          console_quiet=config.console_quiet)
-        backend, closers = worker_backend(config, store, host)
+                          console_quiet=config.console_quiet, local_env=gpus.local_env)
+        backend, backend_closers = worker_backend(config, store, host)
+        closers = backend_closers + closers
         agent = ElasticAgent(AgentConfig(settings=settings, workers=spec, host=host,
                                          monitor_interval=config.monitor_interval,
                                          master_port=config.master_port,
                                          batch_policy=config.batch_policy,
                                          rescale_mode=config.rescale_mode,
                                          hang_timeout=config.hang_timeout,
-                                         notices=config.notices,
+                                         notices=notices,
                                          rank_hint=config.node_rank, endpoint=endpoint,
                                          labels=config.labels, agreed=agreed_settings(config),
                                          retention_s=config.retention_s,
@@ -108,6 +115,27 @@ def run(config: RunConfig) -> int:
             store.close()
         if embedded is not None:
             embedded.stop()
+
+
+def node_gpus(config: RunConfig):
+    """This node's GPUs for its workers (integrations.nvml.node.NodeGpuPlan); says what was
+    chosen in one line.
+
+    Raises:
+        UsageError: --gpu-probe or a GPU flag this node cannot serve.
+        launcher.devices.UnhealthyGpus: too few healthy GPUs; the node must not join.
+    """
+    from integrations.nvml.node import plan_node
+    from launcher.devices import DeviceError, GpuRequest, UnhealthyGpus
+
+    try:
+        plan = plan_node(config.gpu_probe, config.nproc, config.gpus or GpuRequest())
+    except UnhealthyGpus:
+        raise
+    except (DeviceError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    logging.getLogger("elastic").info("%s", plan.note)
+    return plan
 
 
 def agreed_settings(config: RunConfig) -> dict:
@@ -159,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The agent forks workers while gRPC threads run; the children exec at once and never use
     # gRPC, so its fork handlers are not needed (and would log a warning on every fork).
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from launcher.devices import UnhealthyGpus
     from launcher.workers import WorkerStartError
     from rendezvous.api import JobMismatchError, RendezvousError
 
@@ -188,6 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except WorkerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except UnhealthyGpus as exc:
+        print(f"error: not joining the job: {exc}", file=sys.stderr)
         return 1
 
 

@@ -128,7 +128,7 @@ class ElasticAgent:
             else:
                 self._ready_to_fork()
             if self._notice is not None:
-                return 128 + self._signal if self._signal else 0
+                return 128 + self._signal if self._signal else self._notice.exit_code
             self.membership.join()
             self.events.emit(Joined(cause="prewarmed" if prewarmed else "start"))
             self.peers.start()
@@ -362,6 +362,7 @@ class ElasticAgent:
                 self.store.clear_release(self.node_id)
             except RendezvousConnectionError as exc:
                 log.info("could not remove this node's release record: %s", exc)
-        print(f"agent {self.node_id} left the job ({notice.source}: {outcome})",
+        fault = f": {notice.detail}" if notice.exit_code else ""  # say what failed
+        print(f"agent {self.node_id} left the job ({notice.source}: {outcome}){fault}",
               file=sys.stderr, flush=True)
-        return 128 + self._signal if self._signal else 0
+        return 128 + self._signal if self._signal else notice.exit_code

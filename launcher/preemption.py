@@ -63,6 +63,8 @@ class NoticeSource(Protocol):
     """One place a notice can come from, polled every poll_interval on the watcher's thread."""
 
     name: str   # the Notice's source, e.g. "file", "metadata", "kubernetes"
+    # Optional: `exit_code`, what the agent exits with after leaving on this source's notice
+    # (0 when absent: a planned departure; the GPU health source says 1, a fault).
 
     def check(self) -> ParseResult:
         """(detail, deadline or None) once this node is to go away, None until then.
@@ -78,6 +80,7 @@ class Notice:
     detail: str                 # the file's content, the metadata's action and time, the signal
     deadline: Optional[float]   # unix time by which the node goes away; None: unknown
     received_at: float
+    exit_code: int = 0          # the agent's exit code once it has left (a signal's wins)
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,8 @@ class NoticeWatcher:
                            f"{exc}); polling goes on")
             self._report(source.name, problem)
             if found is not None:
-                return self._deliver(source.name, found[0], found[1])
+                return self._deliver(source.name, found[0], found[1],
+                                     getattr(source, "exit_code", 0))
         return self._notice
 
     def _report(self, source: str, problem: Optional[str]) -> None:
@@ -336,10 +340,11 @@ class NoticeWatcher:
         elif problem is None and last is not None:
             log.info("preemption %s source works again", source)
 
-    def _deliver(self, source: str, detail: str, deadline: Optional[float]) -> Notice:
+    def _deliver(self, source: str, detail: str, deadline: Optional[float],
+                 exit_code: int = 0) -> Notice:
         received_at = self._clock()
         notice = Notice(source, detail, deadline if deadline is not None
-                        else received_at + self.config.default_grace, received_at)
+                        else received_at + self.config.default_grace, received_at, exit_code)
         with self._lock:
             if self._notice is not None:
                 return self._notice

@@ -79,6 +79,8 @@ class WorkerSpec:
     console_quiet: Mapping[int, frozenset] = field(default_factory=dict)
     # This node's zygote (launcher.zygote.Zygote): forks workers with torch already imported.
     zygote: Optional[Any] = field(default=None, compare=False)
+    # Per local rank, variables of its own for every round: its GPUs (launcher.devices).
+    local_env: Tuple[Mapping[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -88,6 +90,9 @@ class WorkerSpec:
             raise ValueError(f"nproc (workers per node) must be at least 1, got {self.nproc}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace period must not be negative, got {self.grace_period_s}")
+        if self.local_env and len(self.local_env) != self.nproc:
+            raise ValueError(f"local_env has {len(self.local_env)} entries for {self.nproc} "
+                             "workers")
 
 
 @dataclass(frozen=True)
@@ -167,12 +172,15 @@ def worker_env(
     base: Mapping[str, str], spec: WorkerSpec, assignment: Optional[WorldAssignment],
     local_rank: int, error_file: Optional[str] = None
 ) -> dict[str, str]:
-    """One worker's environment: base (the agent's), then extra_env, then its world's variables
-    (`elastic.contract.world_env`), then the backend's (spec.rank_env). Without an assignment
-    (standby) the worker gets no world: it waits for one on its agent channel. error_file becomes
-    TORCHELASTIC_ERROR_FILE, where torch's @record writes an uncaught exception."""
+    """One worker's environment: base (the agent's), then extra_env and its local rank's
+    local_env (its GPUs), then its world's variables (`elastic.contract.world_env`), then the
+    backend's (spec.rank_env). Without an assignment (standby) the worker gets no world: it
+    waits for one on its agent channel. error_file becomes TORCHELASTIC_ERROR_FILE, where
+    torch's @record writes an uncaught exception."""
     env = dict(base)
     env.update(spec.extra_env)
+    if spec.local_env:
+        env.update(spec.local_env[local_rank])
     env.setdefault(contract.OMP_NUM_THREADS, "1")  # as torchrun: N workers x all cores oversubscribes
     if error_file is not None:
         env[contract.ERROR_FILE] = error_file
