@@ -36,10 +36,11 @@ import os
 import secrets
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, Callable, List, Mapping, Optional, Union
 
 import torch
 import xxhash
@@ -236,6 +237,7 @@ def save_checkpoint(path: str, state: dict, *, fingerprint: str,
         and the temporary file removed.
     """
     _hasher(checksum)  # an unknown name fails before any file is made
+    started = time.monotonic()
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -265,6 +267,21 @@ def save_checkpoint(path: str, state: dict, *, fingerprint: str,
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    took = time.monotonic() - started
+    for listener in list(_SAVED):
+        with suppress(Exception):
+            listener(path, took)
+
+
+_SAVED: List[Callable[[str, float], None]] = []
+
+
+def on_saved(listener: Callable[[str, float], None]) -> Callable[[], None]:
+    """Call `listener(path, seconds)` after each checkpoint this process writes (from the
+    writing thread; an error in it is ignored); returns what removes it. The in-place runtime
+    reports the durations to its agent, for its metrics."""
+    _SAVED.append(listener)
+    return lambda: _SAVED.remove(listener) if listener in _SAVED else None
 
 
 _ADVICE = "it cannot be used — restore an older one or start fresh"

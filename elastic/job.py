@@ -7,6 +7,8 @@
     python -m elastic.job release JOB NODE_ID...       these nodes leave; the size drops with them
     python -m elastic.job stop JOB                     commit, checkpoint, end as stopped
     python -m elastic.job watch JOB                    changes as they happen (until the job ends)
+    python -m elastic.job targets [JOB]                the agents' /metrics addresses (--json:
+                                                       Prometheus HTTP service discovery)
 
 A human table by default, `--json` for programs (the status schema is in the README). The etcd is
 --rdzv-endpoint, else $ELASTIC_RDZV_ENDPOINT, else the one an agent of that job on this machine
@@ -24,7 +26,7 @@ import time
 from typing import List, Optional
 
 USAGE_ERROR = 2
-COMMANDS = ("list", "status", "events", "resize", "release", "stop", "watch")
+COMMANDS = ("list", "status", "events", "resize", "release", "stop", "watch", "targets")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +91,7 @@ def _security(args):
 
 
 def _check(args) -> None:
-    if args.command != "list" and not args.job:
+    if args.command not in ("list", "targets") and not args.job:
         raise _Usage(f"{args.command} needs the job's id (python -m elastic.job list shows them)")
     if args.command == "resize":
         if len(args.args) != 1 or not args.args[0].isdigit():
@@ -117,6 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "list":
             return _list(endpoints, args, security)
+        if args.command == "targets":
+            return _targets(endpoints, args, security)
         with JobClient(endpoints[0], timeout=args.timeout, security=security) as client:
             return _run(client, args)
     except (RendezvousError, ValueError) as exc:
@@ -143,6 +147,33 @@ def _list(endpoints, args, security) -> int:
         table.append([s.job, s.state, f"{active}/{s.spec.target} ({s.spec.min_nodes}.."
                       f"{s.spec.max_nodes})", str(s.round.world_size if s.round else 0),
                       str(s.round.number if s.round else "-"), s.endpoint])
+    _print_table(table)
+    return 0
+
+
+def http_sd(statuses) -> List[dict]:
+    """Prometheus' HTTP service discovery for the agents of these jobs (JobStatus each): one
+    target group per node, labelled with its job and node id."""
+    return [{"targets": [n.health_addr], "labels": {"job": s.job, "node_id": n.node_id,
+                                                    "host": n.host}}
+            for s in statuses for n in s.nodes if n.health_addr]
+
+
+def _targets(endpoints, args, security) -> int:
+    from rendezvous.client import JobClient
+
+    statuses = []
+    for endpoint in endpoints:
+        with JobClient(endpoint, timeout=args.timeout, security=security) as client:
+            jobs = [args.job] if args.job else client.jobs()
+            statuses += [client.status(job, probe=False, recent=0) for job in jobs]
+    groups = http_sd(statuses)
+    if args.json:
+        print(json.dumps(groups, indent=2))
+        return 0
+    table = [["JOB", "NODE", "METRICS"]]
+    table += [[g["labels"]["job"], g["labels"]["node_id"], f"http://{g['targets'][0]}/metrics"]
+              for g in groups]
     _print_table(table)
     return 0
 

@@ -205,6 +205,12 @@ class ElasticState:
     def commit(self) -> None:
         """Snapshot the live state (the sampler commits its in-flight position)."""
         self._committed = _copy_into(self._reusable(), self._live())
+        object.__setattr__(self, "_commits", self.__dict__.get("_commits", 0) + 1)
+
+    @property
+    def commit_count(self) -> int:
+        """How often this state was committed (the in-place runtime reports committed steps)."""
+        return self.__dict__.get("_commits", 0)
 
     def _reusable(self) -> Optional[dict[str, Any]]:
         """The committed snapshot's buffers, unless an asynchronous save is writing them."""

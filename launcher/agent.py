@@ -31,6 +31,7 @@ from .backend import WorkerBackend
 from .events import (EtcdEventHistory, EtcdReconnected, EtcdUnreachable, EventBus, EventLogFile,
                      JobFailed, JobFinished, Joined, NodeLeft, PreemptionNotice)
 from .health import HealthServer
+from .metrics import AgentMetrics
 from .network import free_port, gloo_env, interface_warning
 from .peers import PeerMonitor
 from .preemption import Notice, NoticeConfig, NoticeWatcher
@@ -82,12 +83,14 @@ class ElasticAgent:
         self.store = store
         self.node_id = node_id or new_node_id()
         self._wake = threading.Event()
-        self._health = HealthServer(config.host, self.node_id)
+        self.metrics = AgentMetrics(config.settings.run_id, self.node_id, config.host)
+        self._health = HealthServer(config.host, self.node_id, self.metrics.render)
         self.membership = Membership(
             store, config.settings, host=config.host, nproc=config.workers.nproc,
             health_addr=self._health.addr, node_id=self.node_id, rank_hint=config.rank_hint,
             labels=config.labels, agreed=config.agreed, retention_s=config.retention_s)
         self.events = EventBus(self.node_id)
+        self.events.subscribe(self.metrics)
         if events_path:
             self.events.subscribe(EventLogFile(events_path))
         self._history = EtcdEventHistory(store, self.node_id)
@@ -215,6 +218,7 @@ class ElasticAgent:
         """Decide and act on one reading of the job (again, when the decision asks); return when
         the decisions want to look again."""
         messages = tuple(self.backend.drain())  # first: the status reflects what they said
+        self.metrics.messages(messages)
         for _ in range(MAX_DECISIONS_PER_PASS):
             view = d.AgentView(now=time.time(), snapshot=snap, workers=self.backend.status(),
                                messages=messages, failure_hint=self.backend.failure_hint())

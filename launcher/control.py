@@ -6,8 +6,9 @@ ELASTIC_AGENT_ADDR and exchange the messages of `elastic.contract` (newline-deli
     worker -> agent   Hello(local_rank, pid)                  on connect
                       Ready()                                  waiting for a round (standby)
                       Running(round)                           running in round n's world
-                      Progress(steps)                          passed step boundaries (throttled)
-                      CollectiveFailed(round, error, traceback)
+                      Progress(steps, committed)               passed step boundaries (throttled)
+                      CollectiveFailed(round, error, traceback, lost_steps)
+                      CheckpointSaved(duration_s)              a checkpoint was written
     agent -> worker   RoundMessage(round, member, world)       a new round (world: its place)
                       Leave(checkpoint)                        finish at the next boundary
                                                                (and save: no node remains)

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional, Tuple
 
 from rendezvous.liveness import ALIVE, DEAD
 
@@ -19,9 +20,11 @@ MISSES_BEFORE_DEAD = 3
 
 
 class HealthServer:
-    """Answers GET /health with this node's id, on host:0 (a free port)."""
+    """Answers GET /health with this node's id, on host:0 (a free port); GET /metrics with
+    `metrics()` (Prometheus' text format and its content type) when given."""
 
-    def __init__(self, host: str, node_id: str):
+    def __init__(self, host: str, node_id: str,
+                 metrics: Optional[Callable[[], Tuple[bytes, str]]] = None):
         identity = json.dumps({"node_id": node_id}).encode()
         open_connections = self._connections = set()
 
@@ -37,11 +40,16 @@ class HealthServer:
                 super().finish()
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
-                self.send_response(200 if self.path == "/health" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(identity)))
+                body, kind, code = identity, "application/json", 200
+                if self.path.split("?")[0] == "/metrics" and metrics is not None:
+                    body, kind = metrics()
+                elif self.path != "/health":
+                    code = 404
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(identity)
+                self.wfile.write(body)
 
             def log_message(self, *args):
                 pass

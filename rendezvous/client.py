@@ -71,6 +71,7 @@ class NodeStatus:
     state: str
     health: str = "unknown"  # alive | dead | suspect | unknown (not probed)
     rank_offset: Optional[int] = None
+    health_addr: str = ""  # host:port of its agent's health server (GET /health, /metrics)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ class JobClient:
             nodes.append(NodeStatus(
                 node_id=nid, host=info.host, slots=info.nproc, labels=dict(info.labels),
                 joined_at=info.joined_at, state=state,
-                health=_health(info) if probe else "unknown", rank_offset=offsets.get(nid)))
+                health=_health(info) if probe else "unknown", rank_offset=offsets.get(nid),
+                health_addr=info.health_addr))
         events = tuple(self._store(job).events()[-recent:]) if recent else ()
         round_status = None
         if rnd is not None:

@@ -45,6 +45,7 @@ def _run(train, state, checkpoint, world):
     world.join()
     state.plan = world.plan
     state.resume(checkpoint)
+    world.note_commits(state)  # commits from here on are progress made in this process
     changed = False
     try:
         while True:
@@ -69,7 +70,7 @@ def _run(train, state, checkpoint, world):
             except RuntimeError as exc:  # gloo/NCCL errors are RuntimeErrors (DistBackendError)
                 if not world.in_place:
                     raise
-                world.report_failure(exc)
+                world.report_failure(exc, state)
                 state.restore()
                 changed = True
     finally:

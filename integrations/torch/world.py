@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from elastic import contract
-from elastic.contract import (CollectiveFailed, Hello, Leave, Progress, Ready, RoundMessage,
-                              Running, WorkerWorld)
+from elastic import checkpoint, contract, gpu
+from elastic.contract import (CheckpointSaved, CollectiveFailed, Hello, Leave, Progress, Ready,
+                              RoundMessage, Running, WorkerWorld)
 from elastic.policy import BatchPlan
 
 DEFAULT_PG_TIMEOUT = timedelta(seconds=60)
@@ -125,14 +125,22 @@ class ElasticWorld:
 
     def __init__(self, backend: str = "gloo", timeout: timedelta = DEFAULT_PG_TIMEOUT):
         self.backend, self.timeout = backend, timeout
+        gpu.setup()  # this worker's share of its GPU's memory (--gpu-memory-fraction), if any
         self.channel = AgentChannel.from_env()
         self.round = 0
         self.plan: Optional[BatchPlan] = None
         self._steps, self._reported_at = 0, 0.0
+        # For the agent's metrics: steps of progress (set back at a rollback), the progress at
+        # the last commit seen, and the state's commit count then.
+        self._progress, self._committed, self._commits = 0, 0, None
         self._flag = None  # (work, tensor): the all-reduce launched at the last boundary
+        self._unsubscribe = lambda: None
         if self.channel is not None:
             # The agent asks for our stacks (SIGUSR1) before it kills us as hung.
             faulthandler.register(signal.SIGUSR1, all_threads=True)
+            channel = self.channel
+            self._unsubscribe = checkpoint.on_saved(
+                lambda _path, took: channel.send(CheckpointSaved(duration_s=round(took, 6))))
 
     @property
     def in_place(self) -> bool:
@@ -210,18 +218,31 @@ class ElasticWorld:
     def step_boundary(self, state) -> None:
         """Call after every optimizer step, on every rank. When a new world is pending, commit
         `state` (nothing is lost: the old world still works) and raise WorldChanged."""
+        self._steps += 1
+        self._progress += 1
+        self.note_commits(state)
         self._report_progress()
         if self.change_pending():
             self.settle()
             state.commit()
+            self.note_commits(state)
             raise WorldChanged()
 
+    def note_commits(self, state) -> None:
+        """For the agent's metrics: a commit of `state` since the last look covers the progress
+        so far (scripts commit after the step and before its boundary; one committing after the
+        boundary is counted a step late). The first look only notes the count."""
+        commits = getattr(state, "commit_count", None)
+        if commits is not None and commits != self._commits:
+            if self._commits is not None:
+                self._committed = self._progress
+            self._commits = commits
+
     def _report_progress(self) -> None:
-        self._steps += 1
         now = time.monotonic()
         if self.channel is not None and now - self._reported_at >= PROGRESS_INTERVAL_S:
             self._reported_at = now
-            self.channel.send(Progress(steps=self._steps))
+            self.channel.send(Progress(steps=self._steps, committed=self._committed))
 
     def reconfigure(self) -> None:
         """Leave the old process group and enter the next round's (after a boundary everyone
@@ -230,11 +251,16 @@ class ElasticWorld:
         self._enter(self._next_round())
         self._announce()
 
-    def report_failure(self, exc: BaseException) -> None:
+    def report_failure(self, exc: BaseException, state=None) -> None:
+        """Tell the agent a collective failed; the caller rolls `state` back to its last
+        commit, so the steps since are lost (and trained again)."""
+        if state is not None:
+            self.note_commits(state)
+        lost, self._progress = self._progress - self._committed, self._committed
         if self.channel is not None:
             self.channel.send(CollectiveFailed(
                 round=self.round, error=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc))[-4000:]))
+                traceback="".join(traceback.format_exception(exc))[-4000:], lost_steps=lost))
 
     def _leave_group(self) -> None:
         self._flag = None  # settled by now, or the group broke (a failure): dropped either way
@@ -245,4 +271,5 @@ class ElasticWorld:
                 pass
 
     def close(self) -> None:
+        self._unsubscribe()
         self._leave_group()

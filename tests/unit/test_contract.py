@@ -2,8 +2,8 @@
 import pytest
 
 from elastic import contract
-from elastic.contract import (CollectiveFailed, Hello, Leave, Progress, Ready, RoundMessage,
-                              Running, WorkerWorld, decode, encode, world_env)
+from elastic.contract import (CheckpointSaved, CollectiveFailed, Hello, Leave, Progress, Ready,
+                              RoundMessage, Running, WorkerWorld, decode, encode, world_env)
 from elastic.policy import BatchPlan, make_policy
 
 
@@ -42,7 +42,9 @@ def test_a_world_outside_its_size_is_refused():
 
 @pytest.mark.parametrize("message", [
     Hello(local_rank=1, pid=4242), Ready(), Running(round=7), Progress(steps=12),
+    Progress(steps=12, committed=10), CheckpointSaved(duration_s=0.5),
     CollectiveFailed(round=7, error="RuntimeError: peer gone", traceback="Traceback ..."),
+    CollectiveFailed(round=7, error="RuntimeError: peer gone", lost_steps=3),
     RoundMessage(round=8, member=True, world=world(plan_env={"ELASTIC_GLOBAL_BATCH": "16"})),
     RoundMessage(round=9, member=False), Leave(checkpoint=True),
 ])

@@ -1,0 +1,123 @@
+"""Metrics and the dashboard against real agents and a real etcd: a scrape of each agent's
+/metrics during a job follows the world size through a join and a SIGKILL, found through
+`python -m elastic.job targets --json`; the dashboard's page, in headless Chromium, shows the
+job's members and, after a node is killed, the new world size and its cause."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from launcher.metrics import sample
+
+from .agents import REPO, Agent, new_mark, processes_with_mark, wait_for
+
+pytestmark = pytest.mark.integration
+
+ALLREDUCE = REPO / "tests" / "integration" / "scripts" / "allreduce_loop.py"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def job_command(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "elastic.job", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def scrape(addr):
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+class TwoNodeJob:
+    """An in-place job of up to two one-worker nodes: `a` first, then `b` joins it."""
+
+    def __init__(self, tmp_path, etcd_endpoint, run_id):
+        self.tmp, self.endpoint, self.run_id = tmp_path, etcd_endpoint, run_id
+        self.mark, self.stop_file = new_mark(), tmp_path / "stop"
+        self.args = ["--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-endpoint", etcd_endpoint,
+                     "--rdzv-id", run_id, "--rdzv-conf", "last_call_timeout=0.3,join_settle=0.2",
+                     "--log-dir", tmp_path / "logs", ALLREDUCE, "--stop-file", self.stop_file]
+        self.agents = []
+
+    def start(self, name):
+        agent = Agent(self.args, self.tmp, name, self.mark)
+        self.agents.append(agent)
+        return agent
+
+    def targets(self):
+        """{node id: health address} from the service discovery command."""
+        done = job_command("targets", self.run_id, "--json", "--rdzv-endpoint", self.endpoint)
+        assert done.returncode == 0, done.stderr
+        groups = json.loads(done.stdout)
+        assert all(g["labels"]["job"] == self.run_id for g in groups)
+        return {g["labels"]["node_id"]: g["targets"][0] for g in groups}
+
+    def node_of(self, agent):
+        return next(n for n in self.targets() if f"-{agent.proc.pid}-" in n)
+
+    def finish(self):
+        self.stop_file.touch()
+        for agent in self.agents:
+            if agent.proc.poll() is None:
+                try:
+                    agent.wait(60)
+                except subprocess.TimeoutExpired:
+                    pass
+            agent.stop()
+        wait_for(lambda: processes_with_mark(self.mark) == [], 30, what="no process left")
+
+
+@pytest.fixture
+def two_node_job(tmp_path, etcd_endpoint, run_id):
+    job = TwoNodeJob(tmp_path, etcd_endpoint, run_id)
+    yield job
+    job.finish()
+
+
+def test_a_scrape_follows_the_world_size_through_a_join_and_a_sigkill(two_node_job):
+    job = two_node_job
+    a = job.start("a")
+    wait_for(lambda: "world=1 rank=0" in a.output(), 90, what="a training alone")
+    b = job.start("b")
+    wait_for(lambda: "world=2 rank=1" in b.output(), 90, what="b in the world of two")
+    targets = job.targets()
+    assert len(targets) == 2
+    addr_a, addr_b = targets[job.node_of(a)], targets[job.node_of(b)]
+    for addr in (addr_a, addr_b):
+        wait_for(lambda: sample(scrape(addr), "elastic_world_size") == 2, 30,
+                 what=f"world size 2 at {addr}")
+    joined = scrape(addr_a)
+    assert sample(joined, "elastic_rescale_duration_seconds_count", {"cause": "node_joined"}) == 1
+    assert sample(joined, "elastic_agent_info", {"run_id": job.run_id}) == 1
+
+    b.kill_node()
+    wait_for(lambda: sample(scrape(addr_a), "elastic_world_size") == 1, 60,
+             what="world size 1 on the survivor")
+    after = scrape(addr_a)
+    counts = {cause: sample(after, "elastic_rescale_duration_seconds_count", {"cause": cause})
+              for cause in ("node_joined", "node_left")}
+    assert counts == {"node_joined": 1, "node_left": 1}, after
+    assert sample(after, "elastic_rescale_duration_seconds_sum", {"cause": "node_left"}) > 0
+    assert sample(after, "elastic_rounds_total", {"cause": "start"}) == 1
+    assert sample(after, "elastic_worker_restarts_total") == 0  # in place: no process restarted
+    # the in-place channel's step counters (Progress is sent every 0.5 s)
+    wait_for(lambda: (sample(scrape(addr_a), "elastic_steps_committed_total") or 0) >= 10, 60,
+             what="committed steps reported")
+    assert sample(scrape(addr_a), "elastic_steps_total") >= 10
+    assert set(job.targets()) == {job.node_of(a)}  # the dead node's target is gone
+
+
+def test_targets_without_a_job_lists_every_jobs_agents_and_bad_input_is_one_line(
+        two_node_job, etcd_endpoint):
+    a = two_node_job.start("a")
+    wait_for(lambda: "world=1 rank=0" in a.output(), 90, what="a training")
+    done = job_command("targets", "--rdzv-endpoint", etcd_endpoint)
+    assert done.returncode == 0 and two_node_job.run_id in done.stdout and "/metrics" in \
+        done.stdout
+    done = job_command("targets", "--json", "--rdzv-endpoint", "127.0.0.1:1", "--timeout", "1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "127.0.0.1:1" in done.stderr
