@@ -312,7 +312,8 @@ def _with_note(a: DeviceAssignment, node: NodeGpus, nproc: int,
         what = (f"{nproc} workers share GPUs {_list(used)} (more workers than GPUs; "
                 "--gpu-memory-fraction limits each)")
     elif a.mode == "shared":
-        what = (f"local ranks 0-{nproc - 1} on GPUs {_list(used)}{link}; every worker sees "
+        ranks = f"local ranks 0-{nproc - 1} on GPUs" if nproc > 1 else "local rank 0 on GPU"
+        what = (f"{ranks} {_list(used)}{link}; every worker sees "
                 f"CUDA_VISIBLE_DEVICES={','.join(a.visible[0])}, its own is cuda:LOCAL_RANK")
     elif a.mode == "own":
         what = ("each worker sees only its own GPUs (" + _per_rank(a) + f"){link}")
