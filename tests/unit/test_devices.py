@@ -197,3 +197,35 @@ def test_a_topology_must_be_square_and_symmetric():
         NodeGpus(gpus, ((0, 5),))
     with pytest.raises(ValueError, match="not symmetric"):
         NodeGpus(gpus, ((0, 5), (10, 0)))
+
+
+# -- what reaches the workers --------------------------------------------------------------------
+
+def test_each_local_rank_gets_its_own_variables_in_standby_and_in_a_round():
+    from launcher.workers import WorkerSpec, WorldAssignment, worker_env
+
+    a = assign(node(TWO_ISLANDS), 2, GpuRequest(gpus_per_proc=2))
+    spec = WorkerSpec(argv=("python", "train.py"), nproc=2, local_env=a.local_env(2))
+    world = WorldAssignment(run_id="r", round=3, group_rank=0, group_world_size=1,
+                            rank_offset=0, world_size=2, master_addr="127.0.0.1",
+                            master_port=29500, restart_count=0, max_restarts=0)
+    base = {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "PATH": "/bin"}
+    for assignment in (None, world):
+        envs = [worker_env(base, spec, assignment, r) for r in (0, 1)]
+        assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
+        assert all(e["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and e["PATH"] == "/bin" for e in envs)
+    with pytest.raises(ValueError, match="1 entries for 2 workers"):
+        WorkerSpec(argv=("python", "x.py"), nproc=2, local_env=({},))
+
+
+def test_the_worker_reads_its_device_and_share():
+    import elastic.gpu as gpu
+
+    assert gpu.memory_fraction({"ELASTIC_GPU_MEMORY_FRACTION": "0.25"}) == 0.25
+    assert gpu.memory_fraction({}) is None
+    assert gpu.ordinal({"ELASTIC_CUDA_DEVICE": "0", "LOCAL_RANK": "3"}) == 0
+    assert gpu.ordinal({"LOCAL_RANK": "3"}) == 3
+    import torch
+    if not torch.cuda.is_available():  # without CUDA: the CPU, and no limit to apply
+        assert gpu.device({"ELASTIC_CUDA_DEVICE": "1"}) == torch.device("cpu")
+        assert gpu.setup({"ELASTIC_GPU_MEMORY_FRACTION": "0.5"}) is None
