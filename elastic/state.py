@@ -102,10 +102,12 @@ def _broadcast_tensors(tensors: list[torch.Tensor], src: int) -> None:
 
 
 class _BackgroundCopy:
-    """`_clone(source)` on a thread, handed to `deliver` there; finish() waits for it."""
+    """`_clone(source)` on a thread, handed to `deliver` there; finish() waits for it and removes
+    `hook` (the optimizer step pre-hook that waits for it)."""
 
     def __init__(self, source: Any, deliver: Callable[[Any], None]) -> None:
         self._error: Optional[BaseException] = None
+        self.hook: Any = None
         self._thread = threading.Thread(target=self._run, args=(source, deliver),
                                         name="elastic-state-copy", daemon=True)
         self._thread.start()
@@ -118,6 +120,8 @@ class _BackgroundCopy:
 
     def finish(self) -> None:
         self._thread.join()
+        if self.hook is not None:
+            self.hook.remove()
         if self._error is not None:
             raise self._error
 
@@ -323,10 +327,9 @@ class ElasticState:
         Raises:
             CheckpointCorrupted, CheckpointMismatch: see `load_checkpoint`.
         """
-        # Mapped, not read: the check just brought the file into the page cache, and the
-        # snapshot's copy is made from it in the background (_adopt).
-        state = load_checkpoint(path, fingerprint=self.fingerprint, weights_only=weights_only,
-                                mmap=True)
+        # Read, not mapped: the state must not depend on the file once load() returns (a file
+        # rewritten in place under a mapping faults its reader with SIGBUS).
+        state = load_checkpoint(path, fingerprint=self.fingerprint, weights_only=weights_only)
         try:
             missing = [p for p in PARTS if p not in state]
             if missing:
@@ -336,19 +339,28 @@ class ElasticState:
             raise CheckpointMismatch(f"checkpoint {path} does not fit this training state: "
                                      f"{exc}") from exc
 
-    def _adopt(self, mapped: dict[str, Any]) -> None:
-        """Make `mapped` (a checkpoint's parts, their tensors mapped from the file) the live
-        state at once and the committed snapshot in the background.
+    def _adopt(self, loaded: dict[str, Any]) -> None:
+        """Make `loaded` (a checkpoint's parts, just read: nobody else holds them) the live and
+        the committed state, without waiting for the snapshot's copy of the optimizer state.
 
-        The model copies the mapped tensors into its parameters and the optimizer gets its own
-        copy, as restore() does; the snapshot's copy is made on a thread while the caller goes
-        on (data loaders, the first forward and backward), and whatever reads the snapshot
-        waits for it. Nothing writes into the mapped pages meanwhile, and once copied the file
-        is no longer mapped.
+        The model copies the tensors into its parameters; they stay as the snapshot's. The
+        optimizer takes the loaded optimizer tensors themselves (its load_state_dict keeps them
+        by reference), and the snapshot's own copy of them is made on a thread while the caller
+        goes on (data loaders, the first forward and backward). The optimizer's next step, and
+        whatever reads the snapshot, waits for that copy first.
         """
-        self._restore(mapped)
-        self._committed = snapshot = {p: None for p in PARTS}
-        object.__setattr__(self, "_copying", _BackgroundCopy(mapped, snapshot.update))
+        optimizer_part = loaded["optimizer"]
+        if self.optimizer is None or optimizer_part is None:
+            self._committed = loaded
+            self._restore(loaded)
+            return
+        self._restore({**loaded, "optimizer": None})  # all but the optimizer
+        self.optimizer.load_state_dict(optimizer_part)
+        self._committed = snapshot = loaded
+        copying = _BackgroundCopy(optimizer_part,
+                                  lambda copy: snapshot.__setitem__("optimizer", copy))
+        copying.hook = self.optimizer.register_step_pre_hook(lambda *_: self._settle())
+        object.__setattr__(self, "_copying", copying)
 
     # -- joining a job -----------------------------------------------------------------------
 
