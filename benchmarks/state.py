@@ -19,7 +19,8 @@ save() checksums, fsyncs and renames; torch.save does none of that. Dirty pages 
 before every timed save or load, untimed, so one side's write-back does not land on the other's
 clock. load() returns while the committed snapshot's copy of the optimizer state is still being
 made on a thread (the optimizer's first step waits for it); the "load()" rows wait for that copy,
-untimed, before the baseline runs, and "snapshot copied" includes it. Stops starting repetitions after --budget seconds; removes its files.
+untimed, before the baseline runs, and "snapshot copied" includes it. Stops starting repetitions
+after --budget seconds; removes its files.
 
     python benchmarks/state.py [--reps 3] [--optimizer sgd|adam] [--dir DIR] [--budget 600]
 """
