@@ -26,7 +26,8 @@ RETRY_AFTER_S = 1  # told to a client turned away because the router's queue is 
 
 class Replica:
     """One replica: the user's class (built once) or function, called with the request's JSON
-    body; what it returns goes back as JSON."""
+    body; what it returns goes back as JSON. Each request's latency and outcome is counted and
+    published for the metrics (`integrations.ray.endpoint_stats`)."""
 
     def __init__(self, target: str, path: Optional[str], version: str = "1",
                  concurrency: int = 8):
@@ -34,15 +35,40 @@ class Replica:
         obj = check_target(target, path)
         self.model = obj() if inspect.isclass(obj) else obj
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="model")
+        self._stats = _recorder()
 
     async def __call__(self, request) -> Any:
-        body = await request.json()
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = await self._call(await request.json())
+            ok = True
+            return result
+        finally:
+            if self._stats is not None:
+                self._stats.observe(time.perf_counter() - started, ok)
+
+    async def _call(self, body) -> Any:
         if inspect.iscoroutinefunction(self.model) or \
                 inspect.iscoroutinefunction(getattr(self.model, "__call__", None)):
             return await self.model(body)
         # A plain model runs on a thread: on the replica's event loop it would serve one request
         # at a time, whatever --max-concurrency says.
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.model, body)
+
+
+def _recorder():
+    """This replica's request counter, published under its endpoint (the Serve application)
+    and replica id; None outside a Serve replica."""
+    from integrations.ray.endpoint_stats import Publisher, Recorder
+    try:
+        from ray import serve
+        rid = serve.get_replica_context().replica_id
+    except Exception:  # noqa: BLE001 (not in a replica: a test calling the class directly)
+        return None
+    recorder = Recorder(rid.deployment_id.app_name, rid.unique_id)
+    Publisher(recorder)
+    return recorder
 
 
 class ServePolicy:
@@ -218,6 +244,8 @@ def delete(name: str) -> None:
     except KeyError:
         spec = None
     serve.delete(name)
+    from integrations.ray import endpoint_stats
+    endpoint_stats.forget(name)
     if spec is not None and spec.pool:
         from .pool import unregister
         unregister(spec.pool, name)

@@ -1,6 +1,7 @@
 """`python -m integrations.ray`: the shared Ray pool's controller and client.
 
     python -m integrations.ray controller --address RAY --rdzv-endpoint HOST:PORT [--queues FILE]
+        [--metrics-port PORT [--metrics-host 127.0.0.1]]
     python -m integrations.ray submit train [--name N] [--queue Q] [--priority P] --nnodes 1:4
         [--nproc-per-node 1] [--cpus 1] [--agent-arg=--global-batch-size=32 ...] train.py ARGS...
     python -m integrations.ray submit gang [--name N] --members 3 [--cpus 1]
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "autoscaler, via ray.autoscaler.sdk.request_resources)")
     c.add_argument("--log-dir", default=None, help="members' logs on each node")
     c.add_argument("--tick", type=float, default=0.5, help="seconds between steps")
+    c.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; "
+                        "default: none)")
+    c.add_argument("--metrics-host", default="127.0.0.1",
+                   help="the address the metrics listen on (default: loopback only)")
 
     s = sub.add_parser("submit", help="queue a workload")
     kinds = s.add_subparsers(dest="kind", parser_class=_Parser, required=True)
@@ -144,6 +150,11 @@ def _controller(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.metrics_port is not None:
+        from .metrics import serve
+        host, port = serve(ctl.metrics.registry(), args.metrics_host,
+                           args.metrics_port).server_address[:2]
+        print(f"controller: metrics at http://{host}:{port}/metrics", flush=True)
     print(f"controller: pool of {len(ctl.state.nodes)} node(s), queues "
           f"{', '.join(ctl.config.queues)}; etcd {args.rdzv_endpoint}", flush=True)
     try:

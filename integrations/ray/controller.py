@@ -31,8 +31,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from rendezvous.client import JobClient, JobError
 
+from . import endpoint_stats
 from .inventory import alive_nodes, noticed_members, replica_nodes
 from .members import MemberProcess
+from .metrics import PoolMetrics, PoolView
 from .providers import NodeProvider, NoProvider
 from .scheduler import (Config, ReleaseNodes, RequestNodes, State, Step, SubmissionError, add_node,
                         apply, drain_node, finish, mark_ready, parse, rebind, remove_node, restore,
@@ -125,6 +127,15 @@ class Controller:
         self._beat = 0.0
         self._wake = threading.Event()
         self._actor_class = None
+        self.metrics = PoolMetrics(self.view, endpoint_stats.read)  # served by --metrics-port
+
+    def view(self) -> PoolView:
+        """The pool as the metrics read it (from another thread: the state is immutable, the
+        records are copied)."""
+        subs = dict(self.subs)
+        return PoolView(self.state, dict(self.records), {n: s.kind for n, s in subs.items()},
+                        {n: s.queue for n, s in subs.items()},
+                        {n: len(r) for n, r in dict(self._replicas).items()}, dict(self._waiting))
 
     # -- the loop -------------------------------------------------------------------------
     def start(self) -> "Controller":
@@ -184,6 +195,7 @@ class Controller:
         self._drain_noticed(now)
         self.state = expire_requests(self.state, now)
         result = step(self.state, now)
+        self.metrics.stepped(result)
         for d in result.decisions:
             self._note_decision(d, now)
         self.state = apply(self.state, result)
@@ -296,6 +308,7 @@ class Controller:
         for name in live:
             self._waiting[name] = len(replica_nodes(waiting, name, state="PENDING_CREATION"))
             nodes = self._replicas[name] = replica_nodes(alive, name)
+            self.metrics.replicas_seen(name, len(nodes), self._waiting[name])
             if nodes and name in self.state.admitted:
                 self.state = rebind(self.state, name, nodes, now)
 
