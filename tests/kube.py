@@ -2,6 +2,7 @@
 the official client (no real API server can run on the test machines).
 
 What the emulator lacks is filled in here, not in the product:
+- resources it has no object of yet are unknown (404): pods and nodes are declared;
 - label selectors (`?labelSelector=`) and the field selector `metadata.name=` (what a pod
   watching itself asks for): it ignores them, so list and watch are filtered here;
 - graceful deletion: it removes an object at once unless the object has finalizers, and then
@@ -114,6 +115,9 @@ class KubeAPI:
     async def _main(self) -> None:
         self._stopped = asyncio.Event()
         async with _Emulator() as handler, kmock.Server(handler) as server:
+            # Known before any object of theirs exists: an empty list, not 404, as a cluster.
+            handler.resources["v1/pods"] = {}
+            handler.resources["v1/nodes"] = {}
             self.handler, self.url = handler, f"http://127.0.0.1:{server.port}"
             self._ready.set()
             await self._stopped.wait()

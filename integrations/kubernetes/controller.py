@@ -440,18 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="one pass, then print the job's pods and exit")
     p.add_argument("--json", action="store_true", help="--once: print JSON")
+    p.add_argument("--cacert", default=None, help="CA certificate of a TLS etcd")
+    p.add_argument("--cert", default=None, help="client certificate for a TLS etcd")
+    p.add_argument("--key", default=None, help="client key for a TLS etcd")
+    p.add_argument("--user", default=None,
+                   help="etcd user (the password is read from $ELASTIC_ETCD_PASSWORD)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from rendezvous.client import JobClient
-    from rendezvous.connect import format_endpoint, parse_endpoint
+    from rendezvous.connect import EtcdSecurity, format_endpoint, parse_endpoint
 
     from .api import KubernetesConfigError, connect
 
     try:
         args = build_parser().parse_args(argv)
         endpoint = format_endpoint(*parse_endpoint(args.rdzv_endpoint))
+        security = EtcdSecurity.from_settings(ca_cert=args.cacert, cert=args.cert, key=args.key,
+                                              user=args.user)
         if args.initial is not None and args.initial < 1:
             raise TemplateError(f"--initial {args.initial}: give at least 1 worker pod")
         if args.interval <= 0:
@@ -467,7 +474,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(message)s")
     namespace = args.namespace or default_namespace(args.kubeconfig)
     ctl = Controller(client.CoreV1Api(api_client),
-                     lambda: JobClient(endpoint, timeout=ETCD_TIMEOUT_S), args.job, namespace,
+                     lambda: JobClient(endpoint, timeout=ETCD_TIMEOUT_S, security=security),
+                     args.job, namespace,
                      template, initial=args.initial)
     try:
         if args.once:

@@ -11,7 +11,7 @@
   keeps the job's records and can rejoin; an emptyDir would lose them) behind a headless Service
   of the same name; with `--tls` it serves https with the Secret `<job>-etcd-tls` (ca.crt,
   tls.crt, tls.key), which the agents also present as clients;
-- the worker pod template (ConfigMap `<job>-worker-template`, key pod.yaml) and the Deployment
+- the worker pod template (ConfigMap `<job>-worker-template`, key pod.yaml) and the Job
   `<job>-controller` that creates worker pods from it (integrations/kubernetes/controller.py);
 - RBAC: workers get/watch their pod and node (`--preemption-k8s`); the controller manages pods;
 - optional: a scheduler-plugins PodGroup (gang of MIN), Kueue's plain-pod group labels, a
@@ -39,6 +39,7 @@ DEFAULT_GRACE_S = 60
 PRESTOP_PAUSE_S = 5  # SIGTERM waits this long: the agent's pod watch sees the deletion first
 MIN_GRACE_S = PRESTOP_PAUSE_S + 10  # the rest is the time to reach a step boundary and leave
 TEMPLATE_DIR, TEMPLATE_KEY = "/etc/elastic", "pod.yaml"
+CONTROLLER_RESTARTS = 1000  # the controller Job's backoffLimit: keep restarting a failed one
 TLS_DIR = "/etc/etcd-tls"  # everywhere: not under /etc/elastic, the ConfigMap's read-only mount
 MAX_NAME = 47  # `<job>-etcd-<10-char revision hash>` must fit a 63-character label value
 POD_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"  # scheduler-plugins' coscheduling
@@ -315,6 +316,9 @@ def _controller(spec: ManifestSpec) -> Dict[str, Any]:
                "--rdzv-endpoint", spec.endpoint,
                "--template", f"{TEMPLATE_DIR}/{TEMPLATE_KEY}", "--namespace", spec.namespace,
                "--initial", str(spec.initial_pods)]
+    if spec.tls:
+        command += ["--cacert", f"{TLS_DIR}/ca.crt", "--cert", f"{TLS_DIR}/tls.crt",
+                    "--key", f"{TLS_DIR}/tls.key"]
     container = {"name": "controller", "image": spec.image, "command": command,
                  "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
                  "volumeMounts": [{"name": "template", "mountPath": TEMPLATE_DIR,
@@ -325,10 +329,12 @@ def _controller(spec: ManifestSpec) -> Dict[str, Any]:
         container["volumeMounts"].append({"name": "etcd-tls", "mountPath": TLS_DIR,
                                           "readOnly": True})
         volumes.append(_tls_volume(spec))
-    return _object("apps/v1", "Deployment", f"{spec.name}-controller", spec, "controller", spec={
-        "replicas": 1, "strategy": {"type": "Recreate"},  # never two controllers at once
-        "selector": {"matchLabels": labels},
+    # A Job, not a Deployment: the controller exits 0 once the job has ended, and that is final;
+    # a failure restarts it (it continues from etcd and the API server). One pod at a time.
+    return _object("batch/v1", "Job", f"{spec.name}-controller", spec, "controller", spec={
+        "parallelism": 1, "completions": 1, "backoffLimit": CONTROLLER_RESTARTS,
         "template": {"metadata": {"labels": labels}, "spec": {
+            "restartPolicy": "OnFailure",
             "serviceAccountName": f"{spec.name}-controller", "containers": [container],
             "volumes": volumes}}})
 

@@ -104,20 +104,11 @@ def nodes_by_pod(client, job):
         return {}
 
 
-@pytest.fixture
-def pods_known(kube):
-    """The emulator answers 404 to listing a kind it holds no object of (an API server answers
-    an empty list): one pod elsewhere makes pods a known kind."""
-    try:
-        kube.add_pod("placeholder", namespace="elsewhere")
-    except kube_api.client.exceptions.ConflictException:
-        pass
-    return kube
 
 
 def test_the_controller_follows_the_job_and_the_job_chooses_who_leaves(
-        pods_known, tmp_path, etcd_endpoint, run_id):
-    kube, job, mark = pods_known, run_id, new_mark()
+        kube, tmp_path, etcd_endpoint, run_id):
+    job, mark = run_id, new_mark()
     (tmp_path / "worker.py").write_text(WORKER)
     template = tmp_path / "pod.yaml"
     template.write_text(TEMPLATE)
@@ -239,20 +230,20 @@ def test_the_controller_follows_the_job_and_the_job_chooses_who_leaves(
             kill_tree(controller)
 
 
-def test_an_unknown_job_without_initial_is_an_error(pods_known, tmp_path, etcd_endpoint,
+def test_an_unknown_job_without_initial_is_an_error(kube, tmp_path, etcd_endpoint,
                                                     run_id):
     template = tmp_path / "pod.yaml"
     template.write_text(TEMPLATE)
     done = command("controller", "--job", run_id, "--rdzv-endpoint", etcd_endpoint,
-                   "--template", template, "--kubeconfig", pods_known.kubeconfig(tmp_path))
+                   "--template", template, "--kubeconfig", kube.kubeconfig(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: no job {run_id!r} at etcd") and \
         "--initial N" in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    assert pods_known.core.list_namespaced_pod(
+    assert kube.core.list_namespaced_pod(
         "default", label_selector=f"elastic.run/job={run_id}").items == []
 
 
-def test_the_controller_waits_for_an_etcd_it_cannot_reach_yet(pods_known, tmp_path):
+def test_the_controller_waits_for_an_etcd_it_cannot_reach_yet(kube, tmp_path):
     from rendezvous.embedded import EmbeddedEtcd
     from tests.support import quiet_port
 
@@ -263,7 +254,7 @@ def test_the_controller_waits_for_an_etcd_it_cannot_reach_yet(pods_known, tmp_pa
         controller = subprocess.Popen(
             [sys.executable, "-m", "integrations.kubernetes", "controller", "--job", "late",
              "--rdzv-endpoint", f"127.0.0.1:{port}", "--template", template, "--initial", "1",
-             "--kubeconfig", pods_known.kubeconfig(tmp_path), "--interval", "0.3"],
+             "--kubeconfig", kube.kubeconfig(tmp_path), "--interval", "0.3"],
             cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
     etcd = EmbeddedEtcd(port=port)
@@ -272,10 +263,10 @@ def test_the_controller_waits_for_an_etcd_it_cannot_reach_yet(pods_known, tmp_pa
                  what="the controller's warning")
         assert controller.poll() is None
         # Without etcd it cannot tell whether the job exists: it creates nothing.
-        assert pods_known.core.list_namespaced_pod(
+        assert kube.core.list_namespaced_pod(
             "default", label_selector="elastic.run/job=late").items == []
         etcd.start()
-        wait_for(lambda: pods_known.core.list_namespaced_pod(
+        wait_for(lambda: kube.core.list_namespaced_pod(
             "default", label_selector="elastic.run/job=late").items, timeout=60,
             what="the first pod once etcd answers")
         assert log_path.read_text().count("until etcd answers") == 1

@@ -260,15 +260,6 @@ def test_node_pods_maps_each_job_node_to_its_pod_and_lists_unclaimed_pods():
 
 
 # -- the loop, against the emulator ----------------------------------------------------------------
-@pytest.fixture
-def pods_known(kube):
-    """The emulator answers 404 to listing a kind it holds no object of (an API server answers
-    an empty list): one pod elsewhere makes pods a known kind."""
-    try:
-        kube.add_pod("placeholder", namespace="elsewhere")
-    except client.exceptions.ConflictException:
-        pass
-    return kube
 
 
 class FakeJobs:
@@ -312,8 +303,7 @@ def _controller(kube, jobs, job, **kw):
     return Controller(kube.core, lambda: jobs, job, "default", template, **kw)
 
 
-def test_the_loop_starts_the_job_sets_its_size_and_stops_when_it_ends(pods_known):
-    kube = pods_known
+def test_the_loop_starts_the_job_sets_its_size_and_stops_when_it_ends(kube):
     jobs = FakeJobs()
     c = _controller(kube, jobs, "seed", initial=2)
     assert c.tick().create == ("seed-worker-0", "seed-worker-1")
@@ -324,15 +314,13 @@ def test_the_loop_starts_the_job_sets_its_size_and_stops_when_it_ends(pods_known
     assert c.tick().done and _names(kube, "seed") == ["seed-worker-0", "seed-worker-1"]
 
 
-def test_an_unknown_job_without_initial_is_an_error(pods_known):
-    kube = pods_known
+def test_an_unknown_job_without_initial_is_an_error(kube):
     with pytest.raises(ctl.UnknownJob, match="--initial"):
         _controller(kube, FakeJobs(), "nojob").tick()
 
 
 def test_pods_failing_before_their_agent_joins_are_replaced_after_a_growing_pause(
-        pods_known):
-    kube = pods_known
+        kube):
     now, warnings = [0.0], []
     jobs = FakeJobs(_status(spec(1, hi=2)))
     c = _controller(kube, jobs, "crash", clock=lambda: now[0], warn=warnings.append)

@@ -138,24 +138,29 @@ def test_the_controller_can_load_the_template_and_parse_its_command(variant, tmp
     controller.check_names(spec.name)
     pod = controller.worker_pod(template, "train-worker-0", spec.namespace, spec.name)
     validate(pod)
-    [deployment] = by_kind(docs)["Deployment"]
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [controller_job] = by_kind(docs)["Job"]
+    [container] = controller_job["spec"]["template"]["spec"]["containers"]
     assert container["command"][:4] == ["python", "-m", "integrations.kubernetes", "controller"]
     args = controller.build_parser().parse_args(container["command"][4:])
     assert (args.job, args.rdzv_endpoint, args.namespace) == (
         "train", "train-etcd:2379", spec.namespace)
     assert args.template == f"{m.TEMPLATE_DIR}/{m.TEMPLATE_KEY}"
     assert args.initial == spec.initial_pods
+    if spec.tls:  # the controller reaches a TLS etcd with the Secret's files
+        assert (args.cacert, args.cert, args.key) == tuple(
+            f"{m.TLS_DIR}/{f}" for f in ("ca.crt", "tls.crt", "tls.key"))
+    else:
+        assert args.cacert is None
     mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in controller_job["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mounts[m.TEMPLATE_DIR]]["configMap"]["name"] == "train-worker-template"
 
 
 def test_plain_job():
     docs = render(spec_of([]))
     kinds = by_kind(docs)
-    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",
-                             "Role", "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Job", "Role",
+                             "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]
     [service] = kinds["Service"]
     assert service["metadata"]["name"] == "train-etcd" and service["spec"]["clusterIP"] == "None"
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"client": 2379,
@@ -200,9 +205,11 @@ def test_rbac_is_minimal():
         == "default-train-worker-nodes"
     for b in kinds["RoleBinding"]:
         assert b["roleRef"]["name"] == b["subjects"][0]["name"] == b["metadata"]["name"]
-    [deployment] = kinds["Deployment"]
-    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "train-controller"
-    assert deployment["spec"]["replicas"] == 1
+    [controller_job] = kinds["Job"]
+    assert controller_job["spec"]["template"]["spec"]["serviceAccountName"] == "train-controller"
+    # a Job: the controller's exit 0 when the training job ends is final; a failure restarts it
+    assert controller_job["spec"]["parallelism"] == controller_job["spec"]["completions"] == 1
+    assert controller_job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
 
 
 def test_tls():
@@ -270,14 +277,14 @@ def test_kueue_group_is_admitted_for_the_initial_pods():
     assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert meta["labels"]["kueue.x-k8s.io/pod-group-name"] == "train"
     assert meta["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "2"  # MIN
-    [deployment] = by_kind(docs)["Deployment"]
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    [controller_job] = by_kind(docs)["Job"]
+    command = controller_job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--initial") + 1] == "2"
     meta = template_of(render(spec_of(["--kueue-queue", "team-a", "--initial", "3"])))["metadata"]
     assert meta["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "3"
     # without Kueue the controller starts MAX pods
-    [deployment] = by_kind(render(spec_of([])))["Deployment"]
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    [controller_job] = by_kind(render(spec_of([])))["Job"]
+    command = controller_job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--initial") + 1] == "4"
 
 
