@@ -268,8 +268,9 @@ def assign(node: NodeGpus, nproc: int, request: GpuRequest) -> DeviceAssignment:
     if need > len(healthy) or not healthy:
         bad = "; ".join(f"GPU {i} ({by_index[i].uuid}): {', '.join(by_index[i].problems)}"
                         for i in shown if not by_index[i].healthy)
-        raise UnhealthyGpus(f"unhealthy GPU ({node.source}): {bad}; {nproc} workers need "
-                            f"{need} healthy GPUs and {len(healthy)} of {len(shown)} are, so "
+        raise UnhealthyGpus(f"unhealthy GPU ({node.source}): {bad}; the workers need "
+                            f"{_count(need, 'healthy GPU')}, {len(healthy)} of the "
+                            f"{len(shown)} here {'is' if len(healthy) == 1 else 'are'}, so "
                             "this node stays out of the job until the GPU is fixed (or "
                             "hidden with CUDA_VISIBLE_DEVICES)")
     oversubscribed = mode == "shared" and nproc > len(shown)
@@ -321,6 +322,10 @@ def _with_note(a: DeviceAssignment, node: NodeGpus, nproc: int,
         what = (f"workers share GPUs at {a.memory_fraction:g} of a GPU's memory each ("
                 + _per_rank(a) + ")")
     return replace(a, note=f"GPUs ({node.source}): {what}{left_out}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def _per_rank(a: DeviceAssignment) -> str:
