@@ -28,14 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "benchmarks" / "overhead_train.py"
 
 
-def one(mode, width, steps, out):
-    common = ["--nproc-per-node", "2"]
+def one(mode, width, steps, out, nproc=2, extra=()):
+    """(median step, median time inside the boundary) of one run; extra: the worker's flags
+    (e.g. --device cuda)."""
+    common = ["--nproc-per-node", str(nproc)]
     if mode == "plain":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *common]
     else:
         cmd = [sys.executable, "-m", "elastic.run", *common]
     cmd += [str(WORKER), "--mode", mode, "--width", str(width), "--steps", str(steps),
-            "--out", str(out)]
+            "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:

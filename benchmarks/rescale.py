@@ -128,6 +128,8 @@ class Run:
         self.etcd_data: Optional[Path] = None
         self.endpoint = ""
         self.job = ""  # which job of this repetition: "grow", or "pair" for a scale-down on a new job
+        self.train_args = list(TRAIN_ARGS)  # the training script's flags
+        self.agent_env: dict[str, dict[str, str]] = {}  # an agent's own variables, by name
 
     def __enter__(self) -> "Run":
         return self
@@ -173,7 +175,8 @@ class Run:
         raise Failed(f"etcd was not healthy after {ETCD_START_TIMEOUT_S:g} s")
 
     def command(self, name: str) -> list[str]:
-        script = [str(TRAIN_SCRIPT), "--checkpoint", str(self.dir / "ckpt" / f"{self.job}.ckpt"), *TRAIN_ARGS]
+        script = [str(TRAIN_SCRIPT), "--checkpoint", str(self.dir / "ckpt" / f"{self.job}.ckpt"),
+                  *self.train_args]
         if self.launcher == "torchrun":
             return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.rdzv_id,
@@ -197,6 +200,7 @@ class Run:
         env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
         if self.launcher == "torchrun":  # else a newcomer never joins (see benchmarks/spot.py)
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        env.update(self.agent_env.get(name, {}))
         with open(self.agent_log(name), "wb") as out:
             started = time.time()
             self.agents[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env,

@@ -301,6 +301,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-sleep", type=float, default=0.05, help="seconds of made-up compute per step")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=100000, help="default: never ends by itself")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the model on the worker's GPU (elastic.gpu.device())")
+    parser.add_argument("--backend", default=None,
+                        help="process group backend (default gloo on cpu, nccl on cuda)")
     return parser.parse_args()
 
 
@@ -309,16 +313,23 @@ def main() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from elastic import ElasticSampler, ElasticState
+    from elastic import ElasticSampler, ElasticState, gpu
     from integrations.torch.run import run
+    from integrations.torch.world import ElasticWorld
 
     args = parse_args()
     torch.set_num_threads(1)  # two cores shared by every worker and agent of the benchmark
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        gpu.setup()
+        device = gpu.device()
+        torch.cuda.set_device(device)
     generator = torch.Generator().manual_seed(1234)
-    inputs = torch.randn(NUM_SAMPLES, NUM_FEATURES, generator=generator)
-    targets = inputs @ torch.randn(NUM_FEATURES, 1, generator=generator)
+    inputs = torch.randn(NUM_SAMPLES, NUM_FEATURES, generator=generator).to(device)
+    targets = (inputs.cpu() @ torch.randn(NUM_FEATURES, 1, generator=generator)).to(device)
     torch.manual_seed(1234)
-    model = torch.nn.Sequential(torch.nn.Linear(NUM_FEATURES, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(NUM_FEATURES, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 1)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sampler = ElasticSampler(NUM_SAMPLES, args.global_batch, seed=7)
     state = ElasticState(model, optimizer, sampler=sampler, step=0, epoch=0)
@@ -332,7 +343,8 @@ def main() -> None:
     def train(world) -> None:
         rank, size = dist.get_rank(), dist.get_world_size()
         sampler.set_world(rank, size)  # no batch plan: the global batch stays, split evenly
-        ddp = DDP(model)  # rebuilt on every entry, for the process group of this world
+        # Rebuilt on every entry, for the process group of this world.
+        ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
         if rank == 0:
             print(f"ENTER {time.time():.6f} step={state.step} world={size} pid={os.getpid()}", flush=True)
         while state.epoch < args.epochs:
@@ -356,7 +368,8 @@ def main() -> None:
             commit()
 
     Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-    run(train, state, checkpoint=args.checkpoint)
+    backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
+    run(train, state, checkpoint=args.checkpoint, world=ElasticWorld(backend))
 
 
 if __name__ == "__main__":

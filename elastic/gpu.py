@@ -5,12 +5,12 @@ own, and the share of its memory it may use.
     elastic.gpu.setup()                  # integrations.torch.run's ElasticWorld does this
     model.to(elastic.gpu.device())
 
-`setup()` applies ELASTIC_GPU_MEMORY_FRACTION (--gpu-memory-fraction) with
-`torch.cuda.set_per_process_memory_fraction` on the worker's device, when CUDA initialises (at
-once if it already has), so a worker that never touches CUDA does not pay for it; without CUDA
-it does nothing. `device()` is cuda:ELASTIC_CUDA_DEVICE (its own among the devices it sees:
-LOCAL_RANK when every worker sees the node's list, 0 when it sees only its own), else cuda:
-LOCAL_RANK when CUDA is there, else the CPU.
+`setup()` makes the worker's own device current and applies ELASTIC_GPU_MEMORY_FRACTION
+(--gpu-memory-fraction) with `torch.cuda.set_per_process_memory_fraction` on it, when CUDA
+initialises (at once if it already has), so a worker that never touches CUDA does not pay for
+it; without CUDA it does nothing. `device()` is cuda:ELASTIC_CUDA_DEVICE (its own among the
+devices it sees: LOCAL_RANK when every worker sees the node's list, 0 when it sees only its
+own), else cuda:LOCAL_RANK when CUDA is there, else the CPU.
 """
 from __future__ import annotations
 
@@ -42,10 +42,13 @@ def device(env: Optional[Mapping[str, str]] = None):
 
 
 def setup(env: Optional[Mapping[str, str]] = None) -> Optional[float]:
-    """Limit this worker to its share of its GPU's memory once CUDA initialises; returns the
-    share (None: no limit asked for, or no CUDA)."""
+    """Once CUDA initialises (at once if it has): make the worker's own device the current one
+    (what NCCL and `torch.cuda.current_device()` use) when its agent chose it, and limit the
+    worker to its share of that device's memory. Returns the share (None: no limit asked for,
+    or no CUDA)."""
+    env = os.environ if env is None else env
     fraction = memory_fraction(env)
-    if fraction is None:
+    if CUDA_DEVICE not in env and fraction is None:
         return None
     import torch
 
@@ -53,9 +56,12 @@ def setup(env: Optional[Mapping[str, str]] = None) -> Optional[float]:
         return None
     own = ordinal(env)
 
-    def limit() -> None:
-        torch.cuda.set_per_process_memory_fraction(fraction, own % torch.cuda.device_count())
+    def apply() -> None:
+        index = own % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
 
     # Queued until CUDA initialises (as torch queues its own seeds), run now if it has.
-    torch.cuda._lazy_call(limit)
+    torch.cuda._lazy_call(apply)
     return fraction

@@ -211,7 +211,7 @@ class ElasticWorld:
 
     @staticmethod
     def _device():
-        if dist.get_backend() == "nccl":
+        if "nccl" in str(dist.get_backend()):  # "nccl", or "cpu:gloo,cuda:nccl"
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
