@@ -250,3 +250,35 @@ def test_the_two_recorded_topologies_are_what_their_names_say():
     islands = FakeProbe(str(ISLANDS)).links()
     assert {islands[0][b] for b in (1, 2, 3)} == {NVLINK} and islands[0][4] == SYS
     assert FakeProbe(str(PCIE)).links() == ((0, SYS), (SYS, 0))
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+def test_gpu_flags_are_checked_and_a_request_the_node_cannot_serve_is_a_usage_error(tmp_path):
+    from elastic.cli import UsageError, parse_args
+    from elastic.run import node_gpus as run_node_gpus
+
+    script = str(tmp_path / "train.py")
+    Path(script).write_text("")
+    config = parse_args(["--gpus-per-proc", "2", "--gpu-probe", f"fake:{PCIE}", script],
+                        {"CUDA_VISIBLE_DEVICES": "1,0"})
+    assert config.gpus == GpuRequest(gpus_per_proc=2, visible="1,0")
+    assert config.gpu_probe == f"fake:{PCIE}"
+    assert run_node_gpus(config).local_env == ({"CUDA_VISIBLE_DEVICES": "0,1",
+                                                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                                                "ELASTIC_CUDA_DEVICE": "0"},)
+    two = parse_args(["--nproc-per-node", "2", "--gpus-per-proc", "2", "--gpu-probe",
+                      f"fake:{PCIE}", script], {})
+    with pytest.raises(UsageError, match=r"--gpus-per-proc 2 x 2 workers need 4 GPUs; this "
+                                         r"node shows 2 \(FAKE, recorded in .*\); ask for fewer"):
+        run_node_gpus(two)
+    for argv, message in ((["--gpu-memory-fraction", "0"], "must be in"),
+                          (["--gpu-memory-fraction", "0.5", "--gpus-per-proc", "2"],
+                           "leave out --gpus-per-proc 2"),
+                          (["--gpu-probe", "fake:"], "use nvml, fake:PATH"),
+                          (["--gpu-probe", "dcgm"], "use nvml, fake:PATH")):
+        with pytest.raises(UsageError, match=message):
+            parse_args([*argv, script], {})
+    missing = parse_args(["--gpu-probe", f"fake:{tmp_path / 'none.json'}", script], {})
+    with pytest.raises(UsageError, match="cannot be read"):
+        run_node_gpus(missing)
