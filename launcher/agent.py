@@ -131,6 +131,9 @@ class ElasticAgent:
             else:
                 self._ready_to_fork()
             if self._notice is not None:
+                if self._notice.exit_code:  # a fault, not a departure asked for: say which
+                    print(f"agent {self.node_id} did not join ({self._notice.source}): "
+                          f"{self._notice.detail}", file=sys.stderr, flush=True)
                 return 128 + self._signal if self._signal else self._notice.exit_code
             self.membership.join()
             self.events.emit(Joined(cause="prewarmed" if prewarmed else "start"))
