@@ -14,7 +14,8 @@ import torch
 
 from .agents import REPO, read_events
 from .test_preemption import last_step
-from .test_training_semantics import (assert_same_params, make_job, reference_params, seen,  # noqa: F401
+from .test_training_semantics import make_job  # noqa: F401  (the fixture)
+from .test_training_semantics import (assert_same_params, reference_params, seen,
                                       surviving_steps)
 
 pytestmark = pytest.mark.integration
