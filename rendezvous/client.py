@@ -243,9 +243,10 @@ class JobClient:
         return self._stores[job]
 
     # -- reading ---------------------------------------------------------------------------
-    def jobs(self) -> List[str]:
+    def jobs(self, clean: bool = True) -> List[str]:
         """The ids of the jobs in this etcd, oldest first; finished jobs past their retention
-        are deleted on the way."""
+        are deleted on the way (clean=False: left out, not deleted, for readers that must only
+        read, as the dashboard)."""
         found = []
         base = f"{PREFIX}/"
         for _, meta in self._client.get_prefix(base, keys_only=True):
@@ -260,7 +261,8 @@ class JobClient:
                 continue
             if (snap.outcome is not None and not snap.nodes and snap.outcome.time
                     and self._clock() > snap.outcome.time + snap.spec.retention_s):
-                self._store(job).delete_job()
+                if clean:
+                    self._store(job).delete_job()
                 continue
             alive.append((snap.spec.created_at, job))
         return [job for _, job in sorted(alive)]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -121,3 +122,129 @@ def test_targets_without_a_job_lists_every_jobs_agents_and_bad_input_is_one_line
     done = job_command("targets", "--json", "--rdzv-endpoint", "127.0.0.1:1", "--timeout", "1")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "127.0.0.1:1" in done.stderr
+
+
+def browser():
+    """Headless Chromium through Selenium, or a skip saying what to install."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("the browser test needs Selenium: pip install 'elastic-run[test]'")
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.skip(f"the browser test needs {' and '.join(missing)}: apt-get install chromium "
+                    "chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.binary_location = CHROMIUM
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+class DashboardProcess:
+    """`python -m elastic.dashboard` on a free port; `url` once it listens."""
+
+    def __init__(self, tmp_path, *args):
+        self.out = tmp_path / "dashboard.out"
+        with open(self.out, "wb") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "elastic.dashboard", "--port", "0", *map(str, args)],
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+        line = wait_for(lambda: next((x for x in self.out.read_text().splitlines()
+                                      if x.startswith("dashboard at ")), None), 60,
+                        what="the dashboard to listen")
+        self.url = line.split()[2]
+
+    def api(self, path):
+        """(HTTP status, JSON body) of an API call."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def chrome():
+    driver = browser()
+    yield driver
+    driver.quit()
+
+
+# What the page shows, read in one script (it redraws every second: elements found one call
+# earlier may be gone by the next).
+PAGE_STATE = """
+const rows = sel => Array.from(document.querySelectorAll(sel));
+const text = id => (document.getElementById(id) || {}).textContent || "";
+return {world: text("world-size"), job: text("job-id"), round: text("round-cause"),
+        members: Object.fromEntries(rows("#members tr.member").map(r => [r.dataset.nodeId,
+                                                                          r.dataset.state])),
+        timeline: rows("#timeline tr.round").map(r => [r.dataset.worldSize, r.dataset.cause,
+                                                       r.textContent]),
+        jobs: rows("#jobs tr.job").map(r => r.dataset.job),
+        points: rows("#chart circle").length,
+        errors: rows(".error").filter(e => e.offsetParent !== null).map(e => e.textContent)};
+"""
+
+
+def page(driver):
+    return driver.execute_script(PAGE_STATE)
+
+
+def test_the_page_shows_the_members_and_after_a_kill_the_new_world_size_and_its_cause(
+        two_node_job, chrome, tmp_path, etcd_endpoint):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    job = two_node_job
+    a = job.start("a")
+    wait_for(lambda: "world=1 rank=0" in a.output(), 90, what="a training alone")
+    b = job.start("b")
+    wait_for(lambda: "world=2 rank=1" in b.output(), 90, what="b in the world of two")
+    node_a, node_b = job.node_of(a), job.node_of(b)
+    dashboard = DashboardProcess(tmp_path, "--rdzv-endpoint", etcd_endpoint)
+    try:
+        chrome.get(f"{dashboard.url}#job={job.run_id}")
+        WebDriverWait(chrome, 30, poll_frequency=0.2).until(
+            lambda d: page(d)["members"] == {node_a: "active", node_b: "active"})
+        shown = page(chrome)
+        assert shown["world"] == "2" and shown["job"] == job.run_id and shown["errors"] == []
+        assert job.run_id in shown["jobs"]
+
+        b.kill_node()
+        WebDriverWait(chrome, 60, poll_frequency=0.2).until(
+            lambda d: page(d)["world"] == "1" and page(d)["timeline"][0][:2] == ["1", "node_left"])
+        shown = page(chrome)
+        assert shown["members"] == {node_a: "active"}
+        assert "node_left" in shown["round"]
+        assert [cause for _, cause, _ in shown["timeline"]] == ["node_left", "node_joined",
+                                                                "start"]
+        assert node_b in shown["timeline"][0][2]  # the leader recorded which node left
+        assert shown["points"] == 3
+    finally:
+        dashboard.stop()
+
+
+def test_an_etcd_out_of_reach_is_shown_on_the_page_not_a_traceback(chrome, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from launcher.network import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    dashboard = DashboardProcess(tmp_path, "--rdzv-endpoint", endpoint)
+    try:
+        code, body = dashboard.api("api/jobs")
+        assert code == 503 and endpoint in body["error"] and body["jobs"] == []
+        chrome.get(dashboard.url)
+        errors = WebDriverWait(chrome, 30).until(lambda d: page(d)["errors"])
+        assert len(errors) == 1 and endpoint in errors[0]
+        assert "Traceback" not in dashboard.out.read_text()
+    finally:
+        dashboard.stop()

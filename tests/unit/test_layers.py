@@ -7,7 +7,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("rendezvous", "launcher", "elastic", "integrations", "serving")
 COMMAND_LINE = {"elastic.run", "elastic.cli", "elastic.flags", "elastic.torchrun_compat",
-                "elastic.job"}
+                "elastic.job", "elastic.dashboard", "elastic.dashboard.__main__",
+                "elastic.dashboard.views", "elastic.dashboard.sources",
+                "elastic.dashboard.server", "elastic.dashboard.page"}
 
 
 def layer(module: str) -> str:
