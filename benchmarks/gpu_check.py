@@ -41,7 +41,8 @@ import overhead  # noqa: E402
 import rescale  # noqa: E402
 
 from integrations.nvml.__main__ import show  # noqa: E402
-from integrations.nvml.probe import NoGpus, ProbeError, node_gpus, open_probe  # noqa: E402
+from integrations.nvml.choose import open_probe  # noqa: E402
+from integrations.nvml.probe import NoGpus, ProbeError, node_gpus  # noqa: E402
 from launcher.devices import GpuRequest, assign  # noqa: E402
 
 WORKER = REPO / "benchmarks" / "gpu_check_worker.py"

@@ -1,6 +1,7 @@
 """NVIDIA GPUs through NVML (`nvidia-ml-py`, the [gpu] extra; imported as `pynvml`, lazily).
 
-    probe.py      the `GpuProbe` contract, device records, the health rule, `open_probe`
+    probe.py      the `GpuProbe` contract, device records, the health rule
+    choose.py     `open_probe`: the probe `--gpu-probe` names
     nvml.py       `NvmlProbe`: the real devices (inventory, topology, utilisation, health)
     fake.py       `FakeProbe`: recorded states replayed from a JSON file (--gpu-probe fake:PATH)
     health.py     `GpuHealthSource`: an unhealthy GPU is a notice that makes the node leave

@@ -13,7 +13,8 @@ import sys
 from typing import List, Optional
 
 from .inventory import ray_start_args
-from .probe import NVML, NoGpus, ProbeError, link_name, node_gpus, open_probe, record
+from .choose import open_probe
+from .probe import NVML, NoGpus, ProbeError, link_name, node_gpus, record
 
 
 def show(probe) -> str:

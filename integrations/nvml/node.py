@@ -10,7 +10,8 @@ from typing import Mapping, Optional, Tuple
 from launcher.devices import GpuRequest, assign
 
 from .health import GpuHealthSource
-from .probe import GpuProbe, NoGpus, NotInspected, ProbeError, node_gpus, open_probe
+from .choose import open_probe
+from .probe import GpuProbe, NoGpus, NotInspected, ProbeError, node_gpus
 
 
 @dataclass(frozen=True)

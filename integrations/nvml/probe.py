@@ -5,7 +5,7 @@ UUID, model, memory), how they are linked (NVML's topology levels, NVLink below 
 launcher/devices.py), and how each is now (`DeviceState`: utilisation, memory in use, and what
 the health rule reads). Two implementations: `NvmlProbe` (integrations/nvml/nvml.py, the real
 one) and `FakeProbe` (integrations/nvml/fake.py, recorded states replayed from a JSON file in
-the format `record` writes). `open_probe` picks one from `--gpu-probe`.
+the format `record` writes). `choose.open_probe` picks one from `--gpu-probe`.
 
 The health rule (`problems`) says why a device should not be trained on, in the user's words:
 - it no longer answers NVML (fallen off the bus, GPU lost);
@@ -154,22 +154,3 @@ def record(probe: GpuProbe, note: str = "") -> Dict:
 
 
 STATE_FIELDS = tuple(f.name for f in fields(DeviceState) if f.name != "index")
-
-
-def open_probe(spec: str = NVML) -> GpuProbe:
-    """The probe `--gpu-probe` names: nvml (the machine's GPUs), fake:PATH (recorded states),
-    or none.
-
-    Raises:
-        NoGpus: no GPU to use here (with why: no driver, nvidia-ml-py missing, none asked for).
-        ValueError: a spec that is none of those, or a recorded file that cannot be read.
-    """
-    if spec == NONE:
-        raise NotInspected("--gpu-probe none")
-    if spec.startswith(FAKE):
-        from .fake import FakeProbe
-        return FakeProbe(spec[len(FAKE):])
-    if spec != NVML:
-        raise ValueError(f"--gpu-probe {spec!r}: use nvml, fake:PATH (recorded states) or none")
-    from .nvml import NvmlProbe
-    return NvmlProbe()

@@ -12,8 +12,9 @@ from integrations.nvml.health import GpuHealthSource
 from integrations.nvml.inventory import ray_start_args, scheduler_node
 from integrations.nvml.node import plan_node
 from integrations.nvml.nvml import NvmlProbe
+from integrations.nvml.choose import open_probe
 from integrations.nvml.probe import (DeviceInfo, DeviceState, NoGpus, ProbeError, node_gpus,
-                                     open_probe, problems, record)
+                                     problems, record)
 from launcher.devices import LINK_NAMES, NVLINK, SYS, GpuRequest, UnhealthyGpus
 from launcher.preemption import NoticeConfig, NoticeSourceError, NoticeWatcher
 
