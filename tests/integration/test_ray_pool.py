@@ -63,11 +63,12 @@ def pool_etcd():
 
 
 class ControllerProcess:
-    def __init__(self, address, endpoint, tmp, queues=None):
+    def __init__(self, address, endpoint, tmp, queues=None, extra=()):
         self.args = [sys.executable, "-m", "integrations.ray", "controller", "--address", address,
                      "--rdzv-endpoint", endpoint, "--tick", "0.3", "--log-dir", str(tmp / "members")]
         if queues:
             self.args += ["--queues", str(queues)]
+        self.args += list(extra)
         self.tmp, self.n, self.proc = tmp, 0, None
         self.start()
 
@@ -481,3 +482,88 @@ def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
     # boundary
     assert trained_once_per_epoch(tmp_path / "records") == {}
     wait_for(lambda: processes_with_mark(mark) == [], 30, what="no process left behind")
+
+
+def test_the_dashboard_and_the_metrics_show_a_queue_and_an_endpoint(cluster, pool_etcd,
+                                                                    tmp_path):
+    """A pending gang (over its queue's quota) and an endpoint answering requests: the
+    controller's /metrics and the dashboard's page (headless Chromium) show both."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from integrations.ray.client import PoolClient
+    from integrations.ray.spec import GANG, Submission
+    from launcher.metrics import sample
+    from serving import endpoint
+    from serving.spec import EndpointSpec
+
+    from .test_observability import DashboardProcess, browser, page
+    c, _ = cluster
+    driver = browser()  # skips, saying what to install, before anything starts
+    queues = tmp_path / "queues.yaml"
+    queues.write_text(QUEUES)
+    ctl = ControllerProcess(c.address, pool_etcd, tmp_path, queues, ("--metrics-port", "0"))
+    metrics_url = next(line.split()[-1] for line in ctl.out.read_text().splitlines()
+                       if line.startswith("controller: metrics at "))
+    dashboard = None
+    deployed = False
+    try:
+        with PoolClient(pool_etcd) as pool:
+            pool.submit(Submission("over", GANG, ("true",), queue="tiny", min_members=2,
+                                   max_members=2))
+            wait_for(lambda: "quota" in pool.status("over")["reason"], 30, what="quota reason")
+        spec = EndpointSpec("ep", "examples.serve_model:Model", min_replicas=1, max_replicas=1,
+                            cpus=1, pool=pool_etcd)
+        url = endpoint.deploy(spec, http_port=free_port(), path=str(REPO))
+        deployed = True
+        for _ in range(5):
+            assert call(url, 0.02)["outputs"]
+
+        def scrape():
+            import urllib.request
+            with urllib.request.urlopen(metrics_url, timeout=10) as r:
+                return r.read().decode()
+        wait_for(lambda: (sample(scrape(), "elastic_endpoint_requests_total",
+                                 {"endpoint": "ep", "outcome": "ok"}) or 0) >= 5, 30,
+                 what="the endpoint's requests in the controller's metrics")
+        text = scrape()
+        assert sample(text, "elastic_pool_queue_pending_workloads", {"queue": "tiny"}) == 1
+        assert sample(text, "elastic_endpoint_replicas", {"endpoint": "ep",
+                                                          "state": "running"}) == 1
+        assert sample(text, "elastic_endpoint_replicas_granted", {"endpoint": "ep"}) == 1
+        assert sample(text, "elastic_endpoint_request_duration_seconds_count",
+                      {"endpoint": "ep"}) >= 5
+        assert sample(text, "elastic_pool_allocated", {"resource": "cpu"}) == 1.0
+        assert sample(text, "elastic_pool_decisions_total", {"decision": "admit"}) >= 1
+
+        dashboard = DashboardProcess(tmp_path, "--rdzv-endpoint", pool_etcd, "--ray-address",
+                                     c.address)
+        driver.get(dashboard.url)
+        state = """
+        const rows = sel => Array.from(document.querySelectorAll(sel));
+        return {queues: Object.fromEntries(rows("#queues tr.queue").map(
+                    r => [r.dataset.queue, r.textContent])),
+                endpoints: Object.fromEntries(rows("#endpoints tr.endpoint").map(
+                    r => [r.dataset.endpoint, Array.from(r.cells).map(c => c.textContent)])),
+                cpu: rows("#allocation .alloc").filter(a => a.dataset.resource === "cpu")
+                    .map(a => a.textContent)};
+        """
+
+        def shown(d):
+            s = d.execute_script(state)
+            ep = s["endpoints"].get("ep")
+            ok = ("over" in s["queues"].get("tiny", "") and "quota" in s["queues"]["tiny"]
+                  and ep is not None and ep[2].startswith("1 running") and ep[6] != "-")
+            return s if ok else None
+        s = WebDriverWait(driver, 60, poll_frequency=0.3).until(shown)
+        name, state_text, replicas, granted, rate, p50, p95, total = s["endpoints"]["ep"]
+        assert granted == "1 / 1" and p95.endswith(" ms") and int(total) >= 5
+        assert "1 of 3 allocated" in s["cpu"][0]
+        assert page(driver)["errors"] == []
+    finally:
+        driver.quit()
+        if dashboard is not None:
+            dashboard.stop()
+        if deployed:
+            endpoint.delete("ep")
+        ctl.stop()
+        clear_pool()
