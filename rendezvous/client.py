@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from .api import (JobOutcome, JobSpec, NodeInfo, Release, RendezvousError, Round, StopRequest)
 from .connect import EtcdSecurity, connect
 from .liveness import probe
-from .store import PREFIX, EtcdStore, Snapshot
+from .store import PREFIX, EtcdStore, Snapshot, read_jobs
 
 STATUS_SCHEMA = "elastic-run.job-status/1"
 WRITE_ATTEMPTS = 5  # a write that lost to a concurrent change is decided again this often
@@ -243,10 +243,9 @@ class JobClient:
         return self._stores[job]
 
     # -- reading ---------------------------------------------------------------------------
-    def jobs(self, clean: bool = True) -> List[str]:
+    def jobs(self) -> List[str]:
         """The ids of the jobs in this etcd, oldest first; finished jobs past their retention
-        are deleted on the way (clean=False: left out, not deleted, for readers that must only
-        read, as the dashboard)."""
+        are deleted on the way."""
         found = []
         base = f"{PREFIX}/"
         for _, meta in self._client.get_prefix(base, keys_only=True):
@@ -259,13 +258,30 @@ class JobClient:
             snap = self._store(job).snapshot()
             if snap.spec is None:
                 continue
-            if (snap.outcome is not None and not snap.nodes and snap.outcome.time
-                    and self._clock() > snap.outcome.time + snap.spec.retention_s):
-                if clean:
-                    self._store(job).delete_job()
+            if self._expired(snap):
+                self._store(job).delete_job()
                 continue
             alive.append((snap.spec.created_at, job))
         return [job for _, job in sorted(alive)]
+
+    def statuses(self, clean: bool = True) -> List[JobStatus]:
+        """Every job's status (no probes, no events) from one read of etcd, oldest first;
+        finished jobs past their retention are deleted (clean=False: left out)."""
+        found = []
+        for job, snap in read_jobs(self._client).items():
+            if snap.spec is None:
+                continue
+            if self._expired(snap):
+                if clean:
+                    self._store(job).delete_job()
+                continue
+            found.append((snap.spec.created_at, job, snap))
+        return [self._status(job, snap, False, 0) for _, job, snap in sorted(found)]
+
+    def _expired(self, snap: Snapshot) -> bool:
+        """A finished job with no node left, past its retention."""
+        return bool(snap.outcome is not None and not snap.nodes and snap.outcome.time
+                    and self._clock() > snap.outcome.time + snap.spec.retention_s)
 
     def _snapshot(self, job: str) -> Snapshot:
         snap = self._store(job).snapshot()
@@ -276,7 +292,9 @@ class JobClient:
 
     def status(self, job: str, probe: bool = True, recent: int = RECENT_EVENTS) -> JobStatus:
         """Where `job` stands. probe: ask each node's health endpoint (1 s at most each)."""
-        snap = self._snapshot(job)
+        return self._status(job, self._snapshot(job), probe, recent)
+
+    def _status(self, job: str, snap: Snapshot, probe: bool, recent: int) -> JobStatus:
         rnd = snap.round
         offsets = {}
         if rnd is not None and rnd.active:

@@ -205,6 +205,27 @@ def _assemble(entries, nodes: Dict[str, NodeInfo]) -> Snapshot:
     )
 
 
+def read_jobs(client) -> Dict[str, Snapshot]:
+    """Every job's Snapshot from one read of the whole prefix (a reader of many jobs: the job
+    client's list, a dashboard), by job id."""
+    base = f"{PREFIX}/"
+    entries: Dict[str, list] = {}
+    nodes: Dict[str, Dict[str, NodeInfo]] = {}
+    for value, meta in client.get_prefix(base):
+        job, *rel = meta.key.decode()[len(base):].split("/")
+        if not rel or rel[0] == "ext":
+            continue
+        record = _parse(rel, value)
+        if record is None:
+            continue
+        if rel[0] == "nodes":
+            nodes.setdefault(job, {})[rel[1]] = record
+        else:
+            entries.setdefault(job, []).append((rel, record, meta.mod_revision))
+    return {job: _assemble(entries.get(job, ()), nodes.get(job, {}))
+            for job in set(entries) | set(nodes)}
+
+
 class _Mirror:
     """The job's keys (extensions' aside) as of `revision`, parsed; rebuilt into a Snapshot
     only after a change, the nodes (the one part that grows with the job) copied, not parsed."""

@@ -59,17 +59,8 @@ class JobSource:
             self._client = None
 
     def statuses(self) -> list:
-        """Every job's status (no probes, no events), oldest first."""
-        def read(client):
-            out = []
-            for job in client.jobs(clean=False):
-                try:
-                    out.append(client.status(job, probe=False, recent=0))
-                except Exception as exc:  # noqa: BLE001 (deleted meanwhile: leave it out)
-                    if type(exc).__name__ != "UnknownJobError":
-                        raise
-            return out
-        return self._call(read)
+        """Every job's status (no probes, no events), oldest first: one read of etcd."""
+        return self._call(lambda client: client.statuses(clean=False))
 
     def job(self, job: str) -> Tuple[object, List[dict]]:
         """(status, the job's event history) of one job; JobError for an unknown one."""
@@ -87,6 +78,8 @@ class PoolSource:
         self.endpoint, self._security, self._timeout = endpoint, security, timeout
         self._pool = None
         self._lock = threading.Lock()
+        # The pool's client imports the scheduler (numpy): at start, not in the first request.
+        threading.Thread(target=_import_pool_client, name="import-pool", daemon=True).start()
 
     def read(self) -> Optional[dict]:
         try:
@@ -125,6 +118,13 @@ class PoolSource:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+def _import_pool_client() -> None:
+    try:
+        import integrations.ray.client  # noqa: F401
+    except ImportError:
+        pass
 
 
 class Traffic:

@@ -116,6 +116,10 @@ def test_targets_without_a_job_lists_every_jobs_agents_and_bad_input_is_one_line
         two_node_job, etcd_endpoint):
     a = two_node_job.start("a")
     wait_for(lambda: "world=1 rank=0" in a.output(), 90, what="a training")
+    from rendezvous.client import JobClient
+    with JobClient(etcd_endpoint) as client:  # one read of etcd, as one status per job
+        assert client.statuses() == [client.status(j, probe=False, recent=0)
+                                     for j in client.jobs()]
     done = job_command("targets", "--rdzv-endpoint", etcd_endpoint)
     assert done.returncode == 0 and two_node_job.run_id in done.stdout and "/metrics" in \
         done.stdout
