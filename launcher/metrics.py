@@ -168,6 +168,9 @@ class AgentMetrics:
         self._metrics["elastic_etcd_reachable"].set(1)
         self._steps = StepTracker()
         self._lock = threading.Lock()  # the agent's loop and the event-history thread
+        # A scrape between two changes sends the text rendered for the last one: rendering
+        # holds the GIL for milliseconds, which the agent's loop would wait for.
+        self._version, self._rendered = 0, (-1, b"")
 
     def __call__(self, stamped: ev.Stamped) -> None:
         self.apply(event_updates(stamped.event))
@@ -179,6 +182,7 @@ class AgentMetrics:
     def apply(self, updates: Iterable[Update]) -> None:
         with self._lock:
             for u in updates:
+                self._version += 1
                 metric = self._metrics[u.metric]
                 if u.labels:
                     metric = metric.labels(**dict(u.labels))
@@ -192,7 +196,11 @@ class AgentMetrics:
     def render(self) -> Tuple[bytes, str]:
         """The exposition text and its content type."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        version, (rendered_at, text) = self._version, self._rendered
+        if rendered_at != version:
+            text = generate_latest(self.registry)
+            self._rendered = (version, text)  # a change meanwhile: rendered again next time
+        return text, CONTENT_TYPE_LATEST
 
 
 def _make(m: MetricDef, registry):

@@ -125,6 +125,14 @@ def test_agent_metrics_listen_to_the_bus_and_render_on_the_health_server():
     assert sample(text, "elastic_etcd_reachable") == 1
 
 
+def test_a_scrape_between_changes_sends_the_text_rendered_for_the_last_change():
+    metrics = AgentMetrics("j", "a")
+    first = metrics.render()[0]
+    assert metrics.render()[0] is first  # nothing changed: not rendered again
+    metrics.apply([Update("elastic_world_size", "set", 3.0)])
+    assert sample(metrics.render()[0].decode(), "elastic_world_size") == 3
+
+
 def test_two_agents_in_one_process_keep_their_own_metrics():
     a, b = AgentMetrics("j", "a"), AgentMetrics("j", "b")
     a.apply([Update("elastic_world_size", "set", 4.0)])
