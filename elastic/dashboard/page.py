@@ -14,11 +14,11 @@ INDEX = """<!doctype html>
            align-items: baseline; }
   header h1 { font-size: 17px; margin: 0; }
   header .muted { color: #aab; }
-  main { padding: 12px 18px; display: grid; grid-template-columns: minmax(520px, 1fr) 1.6fr;
-         gap: 14px; }
+  main { padding: 12px 18px; display: grid; grid-template-columns: 1fr 1fr; gap: 14px;
+         align-items: start; }
+  .column { display: grid; gap: 14px; }
   section { background: #fff; border: 1px solid #dde; border-radius: 6px; padding: 10px 12px;
             overflow: auto; }
-  section.wide { grid-column: 1 / -1; }
   h2 { font-size: 15px; margin: 2px 0 8px; }
   h3 { font-size: 13px; margin: 12px 0 4px; color: #445; }
   table { border-collapse: collapse; width: 100%; }
@@ -34,8 +34,9 @@ INDEX = """<!doctype html>
   .error { background: #fde8e6; color: #8c1d13; padding: 6px 10px; border-radius: 4px;
            margin: 6px 0; }
   .big { font-size: 28px; font-weight: 600; }
-  .bar { background: #e6e8ee; height: 10px; border-radius: 5px; width: 220px; display: inline-block;
-         vertical-align: middle; }
+  .bar { background: #e6e8ee; height: 10px; border-radius: 5px; width: 180px;
+         display: inline-block; vertical-align: middle; }
+  .alloc span:first-child { display: inline-block; width: 115px; }
   .bar span { display: block; height: 10px; border-radius: 5px; background: #3b6fd8; }
   svg text { font-size: 11px; fill: #334; }
   .reason { white-space: normal; color: #556; }
@@ -45,13 +46,29 @@ INDEX = """<!doctype html>
 <header><h1>elastic-run</h1><span id="etcd" class="muted"></span>
   <span id="updated" class="muted"></span></header>
 <main>
+  <div class="column">
   <section>
     <h2>Jobs</h2>
     <div id="jobs-error" class="error" hidden></div>
     <table id="jobs"><thead><tr><th>JOB</th><th>STATE</th><th>WORLD</th><th>ROUND</th>
-      <th>CAUSE</th><th>NODES</th><th>SIZE</th></tr></thead><tbody></tbody></table>
+      <th>CAUSE</th><th>NODES</th><th>MIN..MAX</th></tr></thead><tbody></tbody></table>
     <p id="no-jobs" class="muted" hidden>No job in this etcd.</p>
   </section>
+  <section id="pool" hidden>
+    <h2>Pool <span id="pool-controller" class="muted"></span></h2>
+    <div id="pool-error" class="error" hidden></div>
+    <div id="allocation"></div>
+    <h3>Queues</h3>
+    <table id="queues"><thead><tr><th>QUEUE</th><th>RUNNING</th><th>PENDING</th>
+      <th>CPU</th><th>GPU</th><th>WAITING, AND WHY</th></tr></thead><tbody></tbody>
+    </table>
+    <h3>Endpoints</h3>
+    <div id="ray-error" class="error" hidden></div>
+    <table id="endpoints"><thead><tr><th>ENDPOINT</th><th>STATE</th><th>REPLICAS</th>
+      <th>GRANTED / ASKED</th><th>REQ/S</th><th>P50</th><th>P95</th><th>REQUESTS</th></tr></thead>
+      <tbody></tbody></table>
+  </section>
+  </div>
   <section id="job" hidden>
     <h2>Job <span id="job-id"></span> <span id="job-state"></span></h2>
     <div id="job-error" class="error" hidden></div>
@@ -61,26 +78,13 @@ INDEX = """<!doctype html>
     <table id="members"><thead><tr><th>NODE</th><th>STATE</th><th>HOST</th><th>RANKS</th>
       <th>LABELS</th><th>METRICS</th></tr></thead><tbody></tbody></table>
     <h3>World size over time</h3>
-    <svg id="chart" width="640" height="150" role="img" aria-label="world size timeline"></svg>
+    <svg id="chart" viewBox="0 0 640 150" width="100%" role="img"
+         aria-label="world size timeline"></svg>
     <table id="timeline"><thead><tr><th>TIME</th><th>ROUND</th><th>WORLD</th><th>CAUSE</th>
       <th>LEFT</th><th>RESCALE</th></tr></thead><tbody></tbody></table>
     <h3>Recent events</h3>
     <table id="events"><thead><tr><th>TIME</th><th>EVENT</th><th>NODE</th><th>ROUND</th>
       <th>CAUSE</th></tr></thead><tbody></tbody></table>
-  </section>
-  <section id="pool" class="wide" hidden>
-    <h2>Pool <span id="pool-controller" class="muted"></span></h2>
-    <div id="pool-error" class="error" hidden></div>
-    <div id="allocation"></div>
-    <h3>Queues</h3>
-    <table id="queues"><thead><tr><th>QUEUE</th><th>RUNNING</th><th>PENDING</th>
-      <th>CPU USED</th><th>GPU USED</th><th>WAITING, AND WHY</th></tr></thead><tbody></tbody>
-    </table>
-    <h3>Endpoints</h3>
-    <div id="ray-error" class="error" hidden></div>
-    <table id="endpoints"><thead><tr><th>ENDPOINT</th><th>STATE</th><th>REPLICAS</th>
-      <th>GRANTED / ASKED</th><th>REQ/S</th><th>P50</th><th>P95</th><th>REQUESTS</th></tr></thead>
-      <tbody></tbody></table>
   </section>
 </main>
 <script src="app.js"></script>
@@ -138,9 +142,9 @@ function drawJobs(data) {
   }
   fill("jobs", jobs.map(j => {
     const tr = row([j.job, state(j.state), j.world_size, j.round, j.cause,
-                    j.nodes.active + " active" +
-                      (j.nodes.spare ? ", " + j.nodes.spare + " spare" : ""),
-                    j.size.min + ".." + j.size.max + " (want " + j.size.desired + ")"],
+                    j.nodes.active + (j.nodes.spare ? " + " + j.nodes.spare + " spare" : ""),
+                    j.size.min + ".." + j.size.max +
+                      (j.size.desired !== j.size.max ? ", want " + j.size.desired : "")],
                    "job" + (j.job === selected ? " selected" : ""));
     tr.dataset.job = j.job;
     tr.onclick = () => {
@@ -219,7 +223,7 @@ function drawJob(data) {
     return tr;
   }));
   drawChart(data.timeline, data.time);
-  fill("events", data.events.slice(-15).reverse().map(e =>
+  fill("events", data.events.slice(-8).reverse().map(e =>
     row([clock(e.time), e.event, e.node, e.round, e.cause])));
 }
 
@@ -246,7 +250,7 @@ function drawPool(data) {
     const fillBar = el("span");
     fillBar.style.width = (a.capacity ? Math.min(100, 100 * a.allocated / a.capacity) : 0) + "%";
     bar.appendChild(fillBar);
-    line.append(el("span", r.padEnd(11) + " "), bar,
+    line.append(el("span", r.replace("_mib", " (MiB)").padEnd(13) + " "), bar,
                 el("span", " " + +a.allocated.toFixed(2) + " of " + +a.capacity.toFixed(2) +
                            " allocated"));
     return line;
