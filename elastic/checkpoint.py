@@ -9,10 +9,13 @@ whether the file is complete, intact and made for this model:
     JSON     {"format": 2, "payload": bytes, "piece": bytes,
               "checksum": "xxh3" | "crc32" | "sha256",
               "fingerprint": model fingerprint, "digest": hex SHA-256 of (fingerprint +
-              checksum(piece 0) + checksum(piece 1) + ...)}
+              checksum(piece 0) + checksum(piece 1) + ...),
+              "pieces": [hex checksum(piece 0), ...]}   (since 0.1.0; optional for readers)
 
 The payload is cut into pieces (64 MiB) so that a reader checks them on all cores at once; the
 writer checksums each piece as it writes it, on a second thread, so a save reads nothing back.
+With each piece's checksum in the trailer (bound to it by the digest), a reader checks the pieces
+holding what torch.load parses first and the tensors' bytes while torch.load copies them.
 XXH3 (64-bit, the default) finds the damage disks and networks do at ~7 GB/s per core; CRC-32
 (~1.5 GB/s, the default of earlier versions) is still read; SHA-256 (~1 GB/s) also resists
 deliberate tampering. The trailer is ASCII: torch's zip reader looks for its end
@@ -37,6 +40,8 @@ import secrets
 import struct
 import threading
 import time
+import re
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -170,10 +175,62 @@ class _ChecksummingWriter:
         return self.pieces
 
 
+class _PayloadCheck:
+    """The digest of a payload on disk, its pieces checksummed on several cores straight from
+    the page cache (the file mapped, not copied: a copy costs more than the checksum).
+
+    `first(pieces)` checks those pieces now; `start_rest()` checks the others on threads while
+    the caller goes on; `digest()` waits for them and combines.
+    """
+
+    def __init__(self, fd: int, length: int, fingerprint: bytes, piece: int,
+                 checksum: str) -> None:
+        self._length, self._fingerprint, self._piece = length, fingerprint, piece
+        self._checksum = checksum
+        self._count = -(-length // piece)
+        self._digests: dict = {}
+        self._mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ) if length else None
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(HASH_THREADS, os.cpu_count() or 1, self._count)))
+        self._rest: list = []
+
+    def _one(self, index: int) -> bytes:
+        # The checksums release the GIL, so the threads really run in parallel.
+        hasher = _hasher(self._checksum)
+        begin = index * self._piece
+        with memoryview(self._mapped) as view, \
+                view[begin:min(begin + self._piece, self._length)] as part:
+            hasher.update(part)
+        return hasher.digest()
+
+    def first(self, indexes: Any, expected: List[bytes]) -> bool:
+        """Check those pieces now; whether each matches its `expected` checksum."""
+        chosen = sorted(i for i in set(indexes) if 0 <= i < self._count)
+        self._digests.update(zip(chosen, self._pool.map(self._one, chosen)))
+        return all(self._digests[i] == expected[i] for i in chosen)
+
+    def start_rest(self) -> None:
+        self._rest = [(i, self._pool.submit(self._one, i))
+                      for i in range(self._count) if i not in self._digests]
+
+    def digest(self) -> bytes:
+        if not self._rest:
+            self.start_rest()
+        self._digests.update((i, future.result()) for i, future in self._rest)
+        return _combine(self._fingerprint, [self._digests[i] for i in range(self._count)])
+
+    def close(self) -> None:
+        for _, future in self._rest:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if self._mapped is not None:
+            self._mapped.close()
+
+
 def _payload_digest(fd: int, start: int, length: int, fingerprint: bytes, piece: int,
                     checksum: str) -> bytes:
-    """The digest of a payload on disk, its pieces checksummed on several cores straight from
-    the page cache (the file mapped, not copied: a copy costs more than the checksum)."""
+    """The digest of the payload [start, start+length) of a file (format 1: after its header),
+    its pieces checksummed on several cores straight from the page cache."""
     if length == 0:
         return _combine(fingerprint, [])
     offsets = range(0, length, piece)
@@ -182,7 +239,6 @@ def _payload_digest(fd: int, start: int, length: int, fingerprint: bytes, piece:
             memoryview(mapped) as view:
 
         def one(offset: int) -> bytes:
-            # The checksums release the GIL, so the threads really run in parallel.
             hasher = _hasher(checksum)
             with view[start + offset:start + min(offset + piece, length)] as part:
                 hasher.update(part)
@@ -190,6 +246,44 @@ def _payload_digest(fd: int, start: int, length: int, fingerprint: bytes, piece:
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return _combine(fingerprint, list(pool.map(one, offsets)))
+
+
+# A torch archive's records that torch.load copies rather than parses: the tensors' bytes.
+_STORAGE_RECORD = re.compile(r"(^|/)data/\d+$")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip local header: signature ... name, extra length
+
+
+def _pieces(begin: int, end: int, piece: int) -> List[int]:
+    return list(range(max(0, begin) // piece, (max(begin, end) - 1) // piece + 1))
+
+
+def _parsed_records(file: Any, payload: int) -> Optional[tuple]:
+    """(the archive's central directory as (begin, end), the parsed records as (header offset,
+    size)): everything torch.load parses rather than copies, the tensors' bytes excepted. None
+    when the archive cannot be read: then every piece is checked first."""
+    try:
+        with zipfile.ZipFile(_Window(file, 0, payload)) as archive:
+            return ((archive.start_dir, payload),
+                    [(info.header_offset, info.compress_size) for info in archive.infolist()
+                     if not _STORAGE_RECORD.search(info.filename)])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        return None
+
+
+def _record_spans(file: Any, records: List[tuple], payload: int) -> Optional[List[tuple]]:
+    """Each record's whole extent, from its local header (already checked); None if a header
+    is not one."""
+    spans = []
+    for offset, size in records:
+        file.seek(offset)
+        header = file.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size:
+            return None
+        magic, name, extra = _LOCAL_HEADER.unpack(header)
+        if magic != b"PK\x03\x04":
+            return None
+        spans.append((offset, min(payload, offset + _LOCAL_HEADER.size + name + extra + size)))
+    return spans
 
 
 class _Window(io.RawIOBase):
@@ -248,10 +342,12 @@ def save_checkpoint(path: str, state: dict, *, fingerprint: str,
         with os.fdopen(fd, "wb") as file, ThreadPoolExecutor(1, "elastic-checksum") as helper:
             writer = _ChecksummingWriter(file, checksum, PIECE, helper)
             torch.save(state, writer)
-            digest = _combine(fingerprint.encode(), writer.finish())
+            pieces = writer.finish()
+            digest = _combine(fingerprint.encode(), pieces)
             trailer = json.dumps({
                 "format": FORMAT_VERSION, "payload": writer.written, "piece": PIECE,
                 "checksum": checksum, "fingerprint": fingerprint, "digest": digest.hex(),
+                "pieces": [p.hex() for p in pieces],
             }, sort_keys=True).encode()
             file.write(BEGIN + trailer + b"\n" + b"%0*d" % (_LENGTH_DIGITS, len(trailer)) + END)
             file.flush()
@@ -311,20 +407,75 @@ def load_checkpoint(path: str, *, fingerprint: Optional[str] = None, map_locatio
         if file.read(len(_V1_MAGIC)) == _V1_MAGIC:
             return _load_v1(path, file, size, fingerprint, map_location, weights_only)
         meta = _read_trailer(path, file, size)
+        payload, piece = meta["payload"], meta["piece"]
         fp = str(meta["fingerprint"]).encode()
-        # Verified before torch.load: damaged bytes are never unpickled.
-        actual = _payload_digest(file.fileno(), 0, meta["payload"], fp, meta["piece"],
-                                 meta["checksum"])
-        if actual.hex() != meta["digest"]:
-            raise CheckpointCorrupted(
-                f"checkpoint {path} is corrupted (its {meta['checksum']} checksums do not match "
-                f"the ones recorded when it was written); {_ADVICE}")
-        _check_fingerprint(path, meta["fingerprint"], fingerprint)
-        # The file just verified, not whatever the path names by now.
-        same_file = f"/proc/self/fd/{file.fileno()}"
-        source = same_file if os.path.exists(same_file) else path
-        return torch.load(source, map_location=map_location, weights_only=weights_only,
-                          mmap=mmap)
+        expected = _expected_pieces(path, meta, fp)
+        check = _PayloadCheck(file.fileno(), payload, fp, piece, meta["checksum"])
+        try:
+            # Damaged bytes are never parsed: the pieces holding what torch.load parses (the
+            # zip's directory, the pickle) are checked first; the tensors' bytes, which it only
+            # copies, are checked on other cores while it reads them, and the result is dropped
+            # unless every piece matched.
+            if not _check_parsed_first(file, payload, piece, expected, check) or (
+                    fingerprint is not None and meta["fingerprint"] != fingerprint):
+                _match(path, meta, check.digest())  # damaged, or another model's: all first
+                _check_fingerprint(path, meta["fingerprint"], fingerprint)
+            check.start_rest()
+            # The file just checked, not whatever the path names by now.
+            same_file = f"/proc/self/fd/{file.fileno()}"
+            source = same_file if os.path.exists(same_file) else path
+            try:
+                state = torch.load(source, map_location=map_location, weights_only=weights_only,
+                                   mmap=mmap)
+            except Exception:
+                _match(path, meta, check.digest())  # damage first; else torch's own error
+                raise
+            _match(path, meta, check.digest())
+        finally:
+            check.close()
+        return state
+
+
+def _check_parsed_first(file: Any, payload: int, piece: int,
+                        expected: Optional[List[bytes]], check: _PayloadCheck) -> bool:
+    """Check the pieces holding what torch.load parses: the central directory and the records'
+    headers first, then (their lengths now trusted) the records. False when that cannot be done
+    or a piece does not match (the caller then checks everything and says which)."""
+    if expected is None:
+        return False
+    found = _parsed_records(file, payload)
+    if found is None:
+        return False
+    directory, records = found
+    heads = [i for offset, _ in records for i in _pieces(offset, offset + 30, piece)]
+    if not check.first(_pieces(*directory, piece) + heads, expected):
+        return False
+    spans = _record_spans(file, records, payload)
+    return spans is not None and check.first(
+        [i for begin, end in spans for i in _pieces(begin, end, piece)], expected)
+
+
+def _expected_pieces(path: str, meta: dict, fingerprint: bytes) -> Optional[List[bytes]]:
+    """Each piece's checksum from the trailer, once they are shown to make its digest; None for
+    a file written without them."""
+    listed = meta.get("pieces")
+    if listed is None:
+        return None
+    try:
+        pieces = [bytes.fromhex(p) for p in listed]
+    except (TypeError, ValueError):
+        pieces = []
+    count = -(-meta["payload"] // meta["piece"])
+    if len(pieces) != count or _combine(fingerprint, pieces).hex() != meta["digest"]:
+        _match(path, meta, b"")  # the trailer is damaged: reported as any damage
+    return pieces
+
+
+def _match(path: str, meta: dict, actual: bytes) -> None:
+    if actual.hex() != meta["digest"]:
+        raise CheckpointCorrupted(
+            f"checkpoint {path} is corrupted (its {meta['checksum']} checksums do not match "
+            f"the ones recorded when it was written); {_ADVICE}")
 
 
 def _read_trailer(path: str, file: io.BufferedReader, size: int) -> dict:

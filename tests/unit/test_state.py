@@ -341,6 +341,38 @@ def test_payload_of_many_pieces_is_verified_piece_by_piece(tmp_path, monkeypatch
         fresh.load(path)
 
 
+@pytest.mark.parametrize("record", ["data.pkl", "tensor", "central directory"])
+def test_torch_never_parses_a_damaged_record_and_damaged_tensor_bytes_are_caught(
+        tmp_path, monkeypatch, record):
+    """load() checks the tensors' bytes while torch.load copies them, but what torch.load parses
+    (the pickle, the zip's directory) is checked before it runs."""
+    import zipfile
+
+    monkeypatch.setattr(checkpoint, "PIECE", 1000)  # many pieces: the overlap has work to do
+    path = tmp_path / "ckpt.pt"
+    state = make_state(hidden=512)  # its largest tensor's bytes span pieces of their own
+    state.save(path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos = {i.filename.split("/", 1)[1]: i for i in archive.infolist()}
+        if record == "central directory":
+            where = archive.start_dir + 50
+        else:
+            info = (infos["data.pkl"] if record == "data.pkl" else
+                    max((i for n, i in infos.items() if n.startswith("data/")),
+                        key=lambda i: i.compress_size))
+            where = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+    parsed = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: parsed.append(a) or real_load(*a, **k))
+    with pytest.raises(CheckpointCorrupted, match="checksums do not match"):
+        make_state(hidden=512).load(path)
+    # A tensor's bytes are checked while torch.load copies them; what it parses, before.
+    assert (parsed != []) == (record == "tensor"), "torch.load ran on unchecked parsed bytes"
+
+
 def test_restore_drops_the_gradients_of_rolled_back_steps():
     model = torch.nn.Linear(3, 1)
     state = ElasticState(model, torch.optim.SGD(model.parameters(), lr=0.1))
