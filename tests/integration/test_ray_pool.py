@@ -388,6 +388,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Serve keeps the HTTP port of its first start for the cluster's life: every test's endpoint
+# is deployed on this one.
+SERVE_PORT = free_port()
+
+
 def call(url, work_s, timeout=60):
     import urllib.request
     req = urllib.request.Request(url, data=json.dumps({"inputs": [[0.1] * 8],
@@ -421,7 +426,7 @@ def test_an_endpoint_borrows_a_node_from_training_under_load_and_gives_it_back(
         spec = EndpointSpec("ep", "examples.serve_model:Model", min_replicas=0, max_replicas=1,
                             target_concurrency=2, cpus=1, idle_s=4, stable_window_s=4,
                             panic_window_s=1, pool=pool_etcd)
-        url = endpoint.deploy(spec, http_port=free_port(), path=str(REPO))
+        url = endpoint.deploy(spec, http_port=SERVE_PORT, path=str(REPO))
         deployed = True
         wait_for(lambda: status(pool_etcd, "ep")["reason"] == "scaled to zero", 30,
                  what="the endpoint registered at zero replicas")
@@ -513,7 +518,7 @@ def test_the_dashboard_and_the_metrics_show_a_queue_and_an_endpoint(cluster, poo
             wait_for(lambda: "quota" in pool.status("over")["reason"], 30, what="quota reason")
         spec = EndpointSpec("ep", "examples.serve_model:Model", min_replicas=1, max_replicas=1,
                             cpus=1, pool=pool_etcd)
-        url = endpoint.deploy(spec, http_port=free_port(), path=str(REPO))
+        url = endpoint.deploy(spec, http_port=SERVE_PORT, path=str(REPO))
         deployed = True
         for _ in range(5):
             assert call(url, 0.02)["outputs"]
