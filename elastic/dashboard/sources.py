@@ -121,8 +121,9 @@ class PoolSource:
 
 
 def _import_pool_client() -> None:
+    import importlib
     try:
-        import integrations.ray.client  # noqa: F401
+        importlib.import_module("integrations.ray.client")
     except ImportError:
         pass
 

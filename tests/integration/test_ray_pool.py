@@ -562,7 +562,8 @@ def test_the_dashboard_and_the_metrics_show_a_queue_and_an_endpoint(cluster, poo
         s = WebDriverWait(driver, 60, poll_frequency=0.3).until(shown)
         name, state_text, replicas, granted, rate, p50, p95, total = s["endpoints"]["ep"]
         assert granted == "1 / 1" and p95.endswith(" ms") and int(total) >= 5
-        assert "1 of 3 allocated" in s["cpu"][0]
+        cpus = sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+        assert f"1 of {cpus:g} allocated" in s["cpu"][0]  # earlier tests may leave fewer nodes
         assert page(driver)["errors"] == []
     finally:
         driver.quit()
