@@ -40,6 +40,7 @@ TERMINATION_TAINTS = (
 )
 TAINT_EFFECTS = ("NoSchedule", "NoExecute")
 WATCH_TIMEOUT_S = 60   # the server ends a watch after this; it is then started again
+READ_TIMEOUT_S = 10    # one read of the pod or the node (a blackholed API server)
 RETRY_S = 2.0          # after an error, the next try
 
 Found = Optional[Tuple[str, Optional[float]]]
@@ -133,7 +134,8 @@ class PodNoticeSource:
         pod = self.pod
 
         def read_pod():
-            return self.core.read_namespaced_pod(pod.name, pod.namespace)
+            return self.core.read_namespaced_pod(pod.name, pod.namespace,
+                                                 _request_timeout=READ_TIMEOUT_S)
 
         def watch_pod(follow: _Follow) -> None:
             stream = watch.Watch().stream(
@@ -156,7 +158,7 @@ class PodNoticeSource:
         from kubernetes import watch
 
         def read_node():
-            return self.core.read_node(node_name)
+            return self.core.read_node(node_name, _request_timeout=READ_TIMEOUT_S)
 
         def watch_node(follow: _Follow) -> None:
             stream = watch.Watch().stream(
