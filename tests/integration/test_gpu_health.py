@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from .agents import REPO, read_events
-from .test_preemption import last_step
+from .agents import REPO
+from .test_preemption import assert_left_at_a_step_boundary
 from .test_training_semantics import make_job  # noqa: F401  (the fixture)
-from .test_training_semantics import (assert_same_params, reference_params, seen,
-                                      surviving_steps)
+from .test_training_semantics import reference_params, seen
 
 pytestmark = pytest.mark.integration
 
@@ -77,19 +75,8 @@ def test_a_gpu_with_an_xid_makes_its_node_leave_losing_nothing_and_keeps_it_out(
     assert a.wait(120) == 0, a.output()[-3000:]
     out = a.output()
     assert "world=2" not in out[pos:]  # the job went on without the node
-    left_at = last_step(out, 2)
-    assert f"RESUMED step={left_at} " in out.split(f"step={left_at} world=2")[-1]
-    _, attempts = surviving_steps(job.records)
-    recomputed = [s for s, recs in attempts.items() if len({r["round"] for r in recs}) > 1]
-    assert recomputed == []
-    assert_same_params(torch.load(job.out), expected)
-
-    events = read_events(job.tmp / "logs")
-    notice = next(e for e in events if e["event"] == "preemption_notice")
-    assert notice["cause"] == "gpu"
+    notice, events = assert_left_at_a_step_boundary(job, out, expected, "gpu")
     assert notice["detail"] == f"fake GPU 0 ({uuid}): Xid 79 (fallen off the bus)"
-    left = [e for e in events if e["event"] == "node_left" and e["cause"] == "gpu"]
-    assert left and left[0]["outcome"] == "left at a step boundary"
     assert len([e for e in events if e["event"] == "joined"]) == 2  # a and b; never b-again
 
 

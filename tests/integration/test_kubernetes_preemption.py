@@ -2,14 +2,11 @@
 node-termination taint, leaves at a step boundary and the job loses no committed step. The API
 server is kmock's emulator on 127.0.0.1 (tests/kube.py); the agents reach it by kubeconfig."""
 import pytest
-import torch
 
 from tests.kube import env_for, kube  # noqa: F401  (the fixture)
 
-from .agents import read_events
-from .test_preemption import last_step
-from .test_training_semantics import (assert_same_params, make_job, reference_params, seen,  # noqa: F401
-                                      surviving_steps)
+from .test_preemption import assert_left_at_a_step_boundary
+from .test_training_semantics import make_job, reference_params, seen  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +35,7 @@ def test_a_pod_told_to_go_by_kubernetes_costs_no_committed_step(make_job, kube, 
     if how == "eviction":
         kube.finish_pod(pod)
     assert a.wait(120) == 0, a.output()[-3000:]
-    out = a.output()
-    left_at = last_step(out, 2)
-    assert f"RESUMED step={left_at} " in out.split(f"step={left_at} world=2")[-1]
-
-    _, attempts = surviving_steps(job.records)
-    recomputed = [s for s, recs in attempts.items() if len({r["round"] for r in recs}) > 1]
-    assert recomputed == []
-    assert_same_params(torch.load(job.out), expected)
-    events = read_events(job.tmp / "logs")
-    notice = next(e for e in events if e["event"] == "preemption_notice")
-    assert notice["cause"] == "kubernetes"
+    notice, _ = assert_left_at_a_step_boundary(job, a.output(), expected, "kubernetes")
     if how == "eviction":
         assert notice["detail"] == f"pod default/{pod} is being deleted"
         assert 30 < notice["grace_s"] <= 40
@@ -56,8 +43,6 @@ def test_a_pod_told_to_go_by_kubernetes_costs_no_committed_step(make_job, kube, 
         assert notice["detail"] == (f"node {node} has taint "
                                     "cloud.google.com/impending-node-termination:NoSchedule")
         assert 30 < notice["grace_s"] <= 40
-    left = [e for e in events if e["event"] == "node_left" and e["cause"] == "kubernetes"]
-    assert left and left[0]["outcome"] == "left at a step boundary"
 
 
 @pytest.mark.parametrize("case", ["unknown pod", "no kubeconfig"])

@@ -23,6 +23,24 @@ def last_step(text, world):
     return int(steps[-1])
 
 
+def assert_left_at_a_step_boundary(job, survivor_output, expected, cause):
+    """A node of a two-node job left on a notice: the survivor resumed at the step the two last
+    trained together, no step was trained twice, the parameters equal one process's, and the
+    event log says the node left at a step boundary for `cause`. Returns (notice, events)."""
+    left_at = last_step(survivor_output, 2)
+    assert f"RESUMED step={left_at} " in survivor_output.split(f"step={left_at} world=2")[-1]
+    _, attempts = surviving_steps(job.records)
+    recomputed = [s for s, recs in attempts.items() if len({r["round"] for r in recs}) > 1]
+    assert recomputed == []
+    assert_same_params(torch.load(job.out), expected)
+    events = read_events(job.tmp / "logs")
+    notice = next(e for e in events if e["event"] == "preemption_notice")
+    assert notice["cause"] == cause
+    left = [e for e in events if e["event"] == "node_left" and e["cause"] == cause]
+    assert left and left[0]["outcome"] == "left at a step boundary"
+    return notice, events
+
+
 def test_a_preempted_node_costs_no_committed_step(make_job, tmp_path):
     expected = reference_params(make_job)
     job = make_job("preempted")
@@ -40,20 +58,8 @@ def test_a_preempted_node_costs_no_committed_step(make_job, tmp_path):
     tmp.replace(notice)
     assert b.wait(60) == 0, b.output()[-3000:]
     assert a.wait(120) == 0, a.output()[-3000:]
-    out = a.output()
-    left_at = last_step(out, 2)
-    assert f"RESUMED step={left_at} " in out.split(f"step={left_at} world=2")[-1]
-
-    _, attempts = surviving_steps(job.records)
-    recomputed = [s for s, recs in attempts.items() if len({r["round"] for r in recs}) > 1]
-    assert recomputed == []
-    assert_same_params(torch.load(job.out), expected)
-    events = read_events(job.tmp / "logs")
-    notice_event = next(e for e in events if e["event"] == "preemption_notice")
-    assert notice_event["cause"] == "file" and notice_event["detail"] == "maintenance"
-    assert 25 < notice_event["grace_s"] <= 30
-    left = [e for e in events if e["event"] == "node_left" and e["cause"] == "file"]
-    assert left and left[0]["outcome"] == "left at a step boundary"
+    notice, _ = assert_left_at_a_step_boundary(job, a.output(), expected, "file")
+    assert notice["detail"] == "maintenance" and 25 < notice["grace_s"] <= 30
 
 
 def test_the_last_node_checkpoints_within_the_grace_period(make_job, tmp_path):
