@@ -76,7 +76,7 @@ class NoticeSource(Protocol):
 
 @dataclass(frozen=True)
 class Notice:
-    source: str                 # the signal ("sigterm", "sigint"), FILE or METADATA
+    source: str                 # the signal ("sigterm", "sigint") or the source's name
     detail: str                 # the file's content, the metadata's action and time, the signal
     deadline: Optional[float]   # unix time by which the node goes away; None: unknown
     received_at: float
