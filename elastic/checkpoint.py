@@ -184,12 +184,13 @@ class _PayloadCheck:
     """
 
     def __init__(self, fd: int, length: int, fingerprint: bytes, piece: int,
-                 checksum: str) -> None:
-        self._length, self._fingerprint, self._piece = length, fingerprint, piece
-        self._checksum = checksum
+                 checksum: str, start: int = 0) -> None:
+        self._start, self._length, self._fingerprint = start, length, fingerprint
+        self._piece, self._checksum = piece, checksum
         self._count = -(-length // piece)
         self._digests: dict = {}
-        self._mapped = mmap.mmap(fd, length, access=mmap.ACCESS_READ) if length else None
+        self._mapped = (mmap.mmap(fd, start + length, access=mmap.ACCESS_READ) if length
+                        else None)
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(HASH_THREADS, os.cpu_count() or 1, self._count)))
         self._rest: list = []
@@ -198,8 +199,9 @@ class _PayloadCheck:
         # The checksums release the GIL, so the threads really run in parallel.
         hasher = _hasher(self._checksum)
         begin = index * self._piece
+        end = min(begin + self._piece, self._length)
         with memoryview(self._mapped) as view, \
-                view[begin:min(begin + self._piece, self._length)] as part:
+                view[self._start + begin:self._start + end] as part:
             hasher.update(part)
         return hasher.digest()
 
@@ -229,23 +231,13 @@ class _PayloadCheck:
 
 def _payload_digest(fd: int, start: int, length: int, fingerprint: bytes, piece: int,
                     checksum: str) -> bytes:
-    """The digest of the payload [start, start+length) of a file (format 1: after its header),
-    its pieces checksummed on several cores straight from the page cache."""
-    if length == 0:
-        return _combine(fingerprint, [])
-    offsets = range(0, length, piece)
-    threads = max(1, min(HASH_THREADS, os.cpu_count() or 1, len(offsets)))
-    with mmap.mmap(fd, start + length, access=mmap.ACCESS_READ) as mapped, \
-            memoryview(mapped) as view:
-
-        def one(offset: int) -> bytes:
-            hasher = _hasher(checksum)
-            with view[start + offset:start + min(offset + piece, length)] as part:
-                hasher.update(part)
-            return hasher.digest()
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return _combine(fingerprint, list(pool.map(one, offsets)))
+    """The digest of the payload [start, start+length) of a file, every piece at once (format 1:
+    after its header)."""
+    check = _PayloadCheck(fd, length, fingerprint, piece, checksum, start)
+    try:
+        return check.digest()
+    finally:
+        check.close()
 
 
 # A torch archive's records that torch.load copies rather than parses: the tensors' bytes.
